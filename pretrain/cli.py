@@ -1,0 +1,72 @@
+"""`proseco`: one command line for the whole data flow.
+
+    proseco config show|docs          the resolved config / the config reference
+    proseco tokenizer train|shard     text -> tokenizer -> token shards
+    proseco train CONFIG [a.b=v ...]  pretrain (one process, torchrun, srun or deepspeed)
+
+Subcommands live next to the code they run; each module registers its own parser so that
+importing the CLI stays cheap (torch is imported only by the commands that need it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pretrain.config import load_config, reference_markdown, to_yaml, validate
+from tokenizer.errors import UserError
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, world_size=args.world_size)
+    print(to_yaml(cfg), end="")
+
+
+def _config_docs(args: argparse.Namespace) -> None:
+    text = reference_markdown()
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+
+
+def _add_config_commands(sub: argparse._SubParsersAction) -> None:
+    config = sub.add_parser("config", help="show the resolved config or the config reference")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved, validated config")
+    show.add_argument("config", nargs="?", help="YAML file (omit for the defaults)")
+    show.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    show.add_argument("--world-size", type=int, default=1, help="processes the run would be launched with")
+    show.set_defaults(func=_config_show)
+    docs = config_sub.add_parser("docs", help="print (or write) the config reference as markdown")
+    docs.add_argument("--out", help="write to this file instead of stdout")
+    docs.set_defaults(func=_config_docs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proseco", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_config_commands(sub)
+    from tokenizer.cli import add_commands as add_tokenizer_commands
+    from pretrain.commands import add_commands as add_pretrain_commands
+
+    add_tokenizer_commands(sub)
+    add_pretrain_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:  # config errors, missing files, mismatched shards...: no traceback
+        print(f"proseco: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
