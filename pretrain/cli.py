@@ -19,7 +19,10 @@ from tokenizer.errors import UserError
 
 
 def _config_show(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():  # only overrides were given
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
     validate(cfg, world_size=args.world_size)
     print(to_yaml(cfg), end="")
 

@@ -259,6 +259,8 @@ class SamplingConfig:
     """Fill masks left after the last step with the argmax (off, as the official sampler)."""
     block_length: int | None = None
     """Semi-autoregressive blocks of this length with low-confidence unmasking (None: off)."""
+    temperature: float = 0.0
+    """Block mode: 0 unmasks the argmax (greedy, as LLaDA's harness), > 0 samples at this temperature."""
     seed: int = 0
     """Seed of the sampler's random draws."""
 
@@ -508,6 +510,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     need(s.corrector_sampling != "select_top_k" or s.corrector_top_k > 0,
          "sampling.corrector_sampling=select_top_k needs sampling.corrector_top_k > 0")
     need(s.block_length is None or s.block_length >= 1, "sampling.block_length must be >= 1 or null")
+    need(s.temperature >= 0, "sampling.temperature must be >= 0")
+    need(s.batch_size >= 1 and s.num_samples >= 1, "sampling.batch_size and sampling.num_samples must be >= 1")
 
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,120 @@
+"""Where this process stands in the job: rank, world size, device, process group.
+
+The same `proseco train` runs as one process, under torchrun or the DeepSpeed launcher (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set by the launcher) and under a bare `srun` (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID; the master is the first node of the allocation). Launcher variables
+win: under `srun torchrun` every worker sees SLURM_PROCID=0 but its own RANK.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the environment says about this process, before any process group exists."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "single", "torchrun" (also DeepSpeed's launcher) or "slurm"
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def detect_launch(environ: dict[str, str] | None = None) -> Launch:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun",
+                      env.get("MASTER_ADDR"), int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None)
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        port = int(env.get("MASTER_PORT", DEFAULT_PORT + job % 10000))
+        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                      "slurm", addr, port)
+    return Launch(0, 1, 0, "single")
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list ("node[003-005,9],gpu1" -> "node003"); scontrol when present."""
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if head is None:
+        return nodelist.split(",")[0]
+    prefix, ranges = head.group(1), head.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from tokenizer.errors import UserError
+
+            raise UserError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA when this build has it, gloo otherwise (never a backend the build lacks)."""
+    if device.type == "cuda" and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def init_distributed(launch: Launch, device_preference: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Start the process group when there is more than one process (no-op otherwise).
+
+    The timeout bounds every collective: when a rank dies, the others fail with an error after
+    `timeout_s` instead of hanging (gloo raises; NCCL aborts through its watchdog).
+    """
+    device = pick_device(device_preference, launch.local_rank)
+    if launch.world_size > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr or "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port or DEFAULT_PORT))
+        if device.type == "cuda":
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend=backend_for(device), rank=launch.rank, world_size=launch.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return DistEnv(launch.rank, launch.world_size, launch.local_rank, device, launch.launcher)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

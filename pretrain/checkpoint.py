@@ -1,0 +1,167 @@
+"""Distributed checkpoints (DCP): atomic, rotating, optionally asynchronous, reshardable.
+
+A checkpoint is a folder `step_XXXXXXXX/` holding DCP shards (model, optimizer, EMA, each keyed
+by parameter name, so they load into any other dp/tp/pp layout) and `meta.json` (step, data
+position, tokens seen, the resolved config, the layout it was saved from). It is written as
+`step_XXXXXXXX.tmp/` and renamed only once every rank has finished and meta.json is in place:
+a crash, a kill or a full disk mid-save leaves a `.tmp` folder that is never taken as the latest
+and is removed at the next start. The RNG needs no saved state: every random draw is keyed by
+(seed, step, sample position) or reseeded every step (parallel/rng.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from tokenizer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    """A finished checkpoint: final name, DCP metadata and meta.json all present."""
+    return bool(_NAME.match(path.name)) and (path / ".metadata").is_file() and (path / META).is_file()
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_dir() and is_complete(p)), key=lambda p: p.name)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def app_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema_shadow: dict | None) -> dict:
+    """The tensors DCP saves and loads in place: parameter-name keyed, layout independent."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(strict=True))
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema_shadow is not None:
+        state["ema"] = ema_shadow
+    return state
+
+
+def load_app_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a complete checkpoint ({err}); pass another checkpoint or "
+                              "checkpoint.resume=none") from None
+
+
+class Checkpointer:
+    """Saves and finds checkpoints in one run's `checkpoints/` folder."""
+
+    def __init__(self, folder: str | Path, keep_last: int = 3, async_save: bool = False):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: tuple[Future, Path, dict] | None = None
+
+    def remove_incomplete(self) -> None:
+        """Delete `.tmp` leftovers of saves that never finished (rank 0, at start-up)."""
+        if _rank() == 0 and self.folder.is_dir():
+            for path in self.folder.iterdir():
+                if path.is_dir() and path.name.endswith(".tmp"):
+                    log.warning("removing incomplete checkpoint %s", path)
+                    shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+
+    def save(self, step: int, state: dict, meta: dict) -> Path:
+        """Write a checkpoint (collective: every rank calls it). Returns its final path."""
+        self.wait()
+        final = self.folder / checkpoint_name(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        meta = {**meta, "step": step, "saved_at": time.time()}
+        if self.async_save:
+            # Tensors are staged to memory before the future is returned; training may then
+            # change them. The rename happens once every rank has written (wait()/poll()).
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), final, meta)
+            return final
+        dcp.save(state, checkpoint_id=str(tmp))
+        self._finalize(final, meta)
+        return final
+
+    def poll(self) -> None:
+        """Finish an asynchronous save if its writes are done (cheap; call every step)."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until a pending asynchronous save is complete and renamed."""
+        if self._pending is None:
+            return
+        future, final, meta = self._pending
+        self._pending = None
+        future.result()
+        self._finalize(final, meta)
+
+    def _finalize(self, final: Path, meta: dict) -> None:
+        _barrier()
+        if _rank() == 0:
+            tmp = final.with_name(final.name + ".tmp")
+            meta_tmp = tmp / (META + ".tmp")
+            meta_tmp.write_text(json.dumps(meta, indent=2))
+            os.replace(meta_tmp, tmp / META)
+            if final.exists():  # re-saving a step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.folder)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    @staticmethod
+    def load(path: Path, state: dict) -> dict:
+        """Load tensors in place into `state` (any layout) and return the checkpoint's meta.json."""
+        if not is_complete(path):
+            raise CheckpointError(f"{path} is not a complete checkpoint (no .metadata or meta.json: an "
+                                  "interrupted save?); pass a complete one or checkpoint.resume=auto")
+        meta = read_meta(path)
+        if not meta.get("has_ema", False):
+            state.pop("ema", None)  # saved without EMA: the EMA restarts from the loaded weights
+        dcp.load(state, checkpoint_id=str(path))
+        return meta

@@ -1,0 +1,188 @@
+"""Absorbing-state masked diffusion: noise schedules, masking, the MDLM and ProSeCo losses.
+
+Notation (proseco-method.md): alpha_t = exp(-sigma(t)) is the probability that a token is still
+clean at time t, so it is masked with probability 1 - exp(-sigma(t)). The MDLM loss at a masked
+position is -log p(x0 | z_t) times dsigma / expm1(sigma), which is exactly 1/t for the loglinear
+schedule. Every loss here is returned per token and summed by the caller, which divides by the
+number of tokens of the whole global batch (the official reduction, made layout independent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from parallel.rng import STREAM_CORRECTOR_SAMPLE, STREAM_MASK, STREAM_T, keyed_gumbel, keyed_uniform
+from pretrain.config import DiffusionConfig
+
+NEG_INF = -1e6  # the official code's "minus infinity" for the mask logit (finite: no NaN in softmax)
+
+
+class NoiseSchedule:
+    """sigma(t) and dsigma/dt for t in [0, 1]."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.kind, self.eps = cfg.noise_schedule, cfg.schedule_eps
+        self.sigma_min, self.sigma_max = cfg.sigma_min, cfg.sigma_max
+
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = self.eps
+        if self.kind == "loglinear":  # alpha_t = 1 - (1 - eps) t
+            return -torch.log1p(-(1 - eps) * t), (1 - eps) / (1 - (1 - eps) * t)
+        if self.kind == "linear":
+            return self.sigma_min + t * (self.sigma_max - self.sigma_min), torch.full_like(t, self.sigma_max - self.sigma_min)
+        if self.kind == "geometric":
+            sigma = self.sigma_min ** (1 - t) * self.sigma_max ** t
+            return sigma, sigma * math.log(self.sigma_max / self.sigma_min)
+        if self.kind == "cosine":  # alpha_t = eps + (1 - eps) cos(pi t / 2)
+            cos = eps + (1 - eps) * torch.cos(t * math.pi / 2)
+            return -torch.log(cos), (1 - eps) * torch.sin(t * math.pi / 2) * (math.pi / 2) / cos
+        raise ValueError(f"unknown noise schedule {self.kind}")
+
+    def move_chance(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability that a token is masked at time t: 1 - alpha_t."""
+        return -torch.expm1(-self(t)[0])
+
+
+def loss_weight(sigma: torch.Tensor, dsigma: torch.Tensor) -> torch.Tensor:
+    """-alpha'_t / (1 - alpha_t) = dsigma / expm1(sigma): the MDLM ELBO weight (1/t for loglinear)."""
+    return dsigma / torch.expm1(sigma)
+
+
+def sample_t(seed: int, positions: torch.Tensor, global_batch_size: int, eps: float, antithetic: bool) -> torch.Tensor:
+    """Noise level per sample in [eps, 1], keyed by the sample's global stream position.
+
+    Antithetic (stratified) sampling as upstream, over the global batch instead of each device's
+    batch: the sample in slot j = position mod B draws from the stratum [j/B, (j+1)/B). So t does not
+    depend on how the global batch is split over ranks and micro-batches.
+    """
+    u = keyed_uniform(seed, STREAM_T, positions).double()
+    if antithetic:
+        slot = (positions % global_batch_size).double()
+        u = (u + slot) / global_batch_size
+    return ((1 - eps) * u + eps).float()
+
+
+def mask_tokens(x0: torch.Tensor, move_chance: torch.Tensor, mask_id: int, seed: int,
+                positions: torch.Tensor) -> torch.Tensor:
+    """z_t: each token replaced by the mask with probability move_chance [B] (keyed randomness)."""
+    token_index = torch.arange(x0.shape[1], device=x0.device)
+    u = keyed_uniform(seed, STREAM_MASK, positions[:, None], token_index[None, :])
+    return torch.where(u < move_chance[:, None], torch.full_like(x0, mask_id), x0)
+
+
+def suppress_logits(logits: torch.Tensor, mask_id: int, vocab_size: int) -> torch.Tensor:
+    """The mask token (and any padding rows added for tensor parallelism) can never be predicted."""
+    bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    bias[mask_id] = NEG_INF
+    bias[vocab_size:] = NEG_INF
+    return logits + bias
+
+
+def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, vocab_size: int) -> torch.Tensor:
+    """SUBS parameterisation (evaluation and sampling): log-probs with the mask suppressed and,
+    at unmasked positions, all mass on the observed token (carry-over)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # fp64 stays fp64 (sampling)
+    log_p = torch.log_softmax(suppress_logits(logits, mask_id, vocab_size), dim=-1)
+    unmasked = (z != mask_id)[..., None]
+    observed = F.one_hot(z, logits.shape[-1]).bool()
+    carry = torch.where(observed, torch.zeros_like(log_p), torch.full_like(log_p, NEG_INF))
+    return torch.where(unmasked, carry, log_p)
+
+
+@dataclass
+class Noised:
+    """One batch after the forward process."""
+
+    x0: torch.Tensor          # clean tokens [B, L]
+    zt: torch.Tensor          # masked tokens [B, L]
+    sigma: torch.Tensor       # [B]
+    weight: torch.Tensor      # dsigma / expm1(sigma), [B]
+    token_mask: torch.Tensor  # float [B, L]: 1 where the token counts (valid samples), else 0
+
+
+def add_noise(x0: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, *, cfg: DiffusionConfig,
+              schedule: NoiseSchedule, mask_id: int, seed: int, global_batch_size: int, eps: float) -> Noised:
+    t = sample_t(seed, positions, global_batch_size, eps, cfg.antithetic_sampling)
+    sigma, dsigma = schedule(t)
+    zt = mask_tokens(x0, -torch.expm1(-sigma), mask_id, seed, positions)
+    token_mask = valid[:, None].float().expand_as(x0)
+    return Noised(x0=x0, zt=zt, sigma=sigma, weight=loss_weight(sigma, dsigma), token_mask=token_mask)
+
+
+def corrector_input(logits: torch.Tensor, noised: Noised, cfg: DiffusionConfig, mask_id: int, vocab_size: int,
+                    seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """y: the model's own reconstruction of z_t, without gradient.
+
+    argmax (the paper) or a categorical sample of the mask-suppressed logits; at every position
+    (corrector_input=all, the released runs: no carry-over, so even unmasked tokens may change) or
+    only at masked positions with the clean tokens elsewhere (corrector_input=masked).
+    """
+    with torch.no_grad():
+        scores = suppress_logits(logits.detach().float(), mask_id, vocab_size)
+        if cfg.corrector_prior == "sample":
+            token_index = torch.arange(scores.shape[1], device=scores.device)
+            vocab_index = torch.arange(scores.shape[2], device=scores.device)
+            scores = torch.log_softmax(scores, -1) + keyed_gumbel(
+                seed, STREAM_CORRECTOR_SAMPLE, positions[:, None, None], token_index[None, :, None], vocab_index)
+        prediction = scores.argmax(dim=-1)
+        if cfg.corrector_input == "masked":
+            prediction = torch.where(noised.zt == mask_id, prediction, noised.x0)
+        return prediction
+
+
+def token_nll(logits: torch.Tensor, target: torch.Tensor, mask_id: int, vocab_size: int) -> torch.Tensor:
+    """-log softmax(logits)[target] per token with the mask logit suppressed, [B, L] in fp32."""
+    scores = suppress_logits(logits.float(), mask_id, vocab_size)
+    return F.cross_entropy(scores.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+
+
+@dataclass
+class Losses:
+    """Per-token loss terms, each [B, L], already multiplied by token_mask (not yet normalised)."""
+
+    total: torch.Tensor
+    mdlm: torch.Tensor       # MDLM NELBO terms (masked positions only)
+    corrector: torch.Tensor  # corrector terms (zero when the corrector is off)
+    corrector_input_errors: torch.Tensor  # 1 where y != x0 (no grad)
+    corrector_output_errors: torch.Tensor  # 1 where argmax of the corrector != x0 (no grad)
+
+
+def mdlm_losses(logits_zt: torch.Tensor, noised: Noised, mask_id: int, vocab_size: int) -> torch.Tensor:
+    """Per-token MDLM loss: weight * -log p(x0 | z_t) at masked positions, 0 elsewhere."""
+    nll = token_nll(logits_zt, noised.x0, mask_id, vocab_size)
+    masked = (noised.zt == mask_id).float()
+    return noised.weight[:, None] * nll * masked * noised.token_mask
+
+
+def proseco_losses(logits_zt: torch.Tensor, logits_y: torch.Tensor | None, y: torch.Tensor | None, noised: Noised,
+                   cfg: DiffusionConfig, mask_id: int, vocab_size: int) -> Losses:
+    """The joint objective of the official code, switch by switch (proseco-method.md section 2.2).
+
+    With logits_y None (before corrector_training_start_step, or corrector_training off) this is
+    plain MDLM, unscaled by mdlm_loss_weight, as the official fall-through branch.
+    """
+    mdlm = mdlm_losses(logits_zt, noised, mask_id, vocab_size)
+    if logits_y is None:
+        zeros = torch.zeros_like(mdlm)
+        return Losses(total=mdlm, mdlm=mdlm, corrector=zeros, corrector_input_errors=zeros,
+                      corrector_output_errors=zeros)
+    nll = token_nll(logits_y, noised.x0, mask_id, vocab_size)
+    weight = noised.weight[:, None] if cfg.weighted_corrector_loss else torch.ones_like(noised.weight)[:, None]
+    wrong_input = (y != noised.x0)
+    if cfg.corrector_errors_upweighted:
+        # Log-loss where the input is wrong, minus the probability where it is already right:
+        # correct positions get the cross-entropy gradient scaled by p (App. C.3 of the paper).
+        per_token = torch.where(wrong_input, nll, -torch.exp(-nll))
+    else:
+        per_token = nll
+    corrector = weight * per_token * noised.token_mask
+    total = cfg.mdlm_loss_weight * mdlm + cfg.corrector_loss_weight * corrector
+    with torch.no_grad():
+        output_wrong = suppress_logits(logits_y.detach(), mask_id, vocab_size).argmax(-1) != noised.x0
+    return Losses(total=total, mdlm=mdlm, corrector=corrector,
+                  corrector_input_errors=wrong_input.float() * noised.token_mask,
+                  corrector_output_errors=output_wrong.float() * noised.token_mask)

@@ -1,0 +1,223 @@
+"""The DiT backbone of MDLM and ProSeCo, as a plain nn.Module.
+
+adaLN-Zero pre-LN blocks conditioned on a (by default constant) noise embedding, rotary
+attention over the whole sequence (bidirectional), weight-only LayerNorm in fp32, GELU(tanh) MLP,
+untied input embedding and output layer. Module names follow the official Hugging Face layout
+(kuleshov-group/proseco-owt, mdlm-owt), so its checkpoints map onto this model by renaming,
+except that the fused `attn_qkv` is split into `attn_q`, `attn_k`, `attn_v`: separate projections
+are what tensor parallelism shards by heads (see pretrain/convert.py).
+
+Parallelism is applied from outside (parallel/): nothing here knows about meshes. The blocks
+live in a ModuleDict keyed "0".."n-1" so that pipeline stages, which delete the blocks they do not
+own, keep the same parameter names as the full model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import ModelConfig
+
+FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal features of sigma, as upstream
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the model needs beyond ModelConfig: sizes fixed by the data."""
+
+    vocab_size: int
+    seq_len: int
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+class LayerNorm(nn.Module):
+    """Weight-only LayerNorm computed in fp32 whatever the autocast dtype (as upstream)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.layer_norm(x.float(), [self.dim])
+        return x * self.weight[None, None, :]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """sigma -> conditioning vector: sinusoidal features, then Linear-SiLU-Linear."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQUENCY_EMBEDDING_SIZE, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    @staticmethod
+    def frequency_embedding(sigma: torch.Tensor, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: float = 10000.0):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+        args = sigma[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.frequency_embedding(sigma))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half / NeoX layout) for q and k."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        # Not persistent: a function of head_dim and base, recomputed on load (also on meta devices).
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(positions, self.inv_freq.to(device))
+        angles = torch.cat([freqs, freqs], dim=-1)  # [L, head_dim]
+        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, L, H, head_dim]; rotation computed in fp32 (as upstream), returned in x's dtype."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xf = x.float()
+        half = xf.shape[-1] // 2
+        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Bidirectional attention, [B, L, H, hd] in and out. flash-attn where it can run, else SDPA."""
+    flash = _flash_attn_func() if backend in ("auto", "flash") else None
+    flash_ok = flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if backend == "flash" and not flash_ok:
+        raise RuntimeError("model.attention=flash needs flash-attn installed, CUDA tensors and bf16/fp16 "
+                           "(train.precision=bf16); use model.attention=auto to fall back to SDPA")
+    if flash_ok:
+        return flash(q, k, v, dropout_p=0.0, causal=False)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False)
+    return out.transpose(1, 2)
+
+
+class DiTBlock(nn.Module):
+    """x + gate * Dropout(Attn(modulate(LN(x)))), then the same with the MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.head_dim = d // cfg.n_heads
+        self.attention_backend = cfg.attention
+        self.norm1 = LayerNorm(d)
+        self.attn_q = nn.Linear(d, d, bias=False)
+        self.attn_k = nn.Linear(d, d, bias=False)
+        self.attn_v = nn.Linear(d, d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.norm2 = LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.mlp_ratio * d, d))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        batch, seq_len = x.shape[:2]
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        # -1 heads: under tensor parallelism each rank holds only its share of the heads.
+        q = apply_rotary(self.attn_q(h).view(batch, seq_len, -1, self.head_dim), *rope)
+        k = apply_rotary(self.attn_k(h).view(batch, seq_len, -1, self.head_dim), *rope)
+        v = self.attn_v(h).view(batch, seq_len, -1, self.head_dim)
+        attn = attention(q, k, v, self.attention_backend).reshape(batch, seq_len, -1)
+        x = x + gate_msa * self.dropout(self.attn_out(attn))
+        return x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.norm_final = LayerNorm(cfg.d_model)
+        self.linear = nn.Linear(cfg.d_model, vocab_size)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.d_model)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """tokens [B, L] (+ sigma [B]) -> logits [B, L, vocab_size] (raw: no mask suppression, no SUBS)."""
+
+    def __init__(self, cfg: ModelConfig, shape: ModelShape):
+        super().__init__()
+        self.cfg, self.shape = cfg, shape
+        self.vocab_embed = nn.Embedding(shape.vocab_size, cfg.d_model)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.rotary_emb = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base)
+        self.blocks = nn.ModuleDict({str(i): DiTBlock(cfg) for i in range(cfg.n_layers)})
+        self.output_layer = FinalLayer(cfg, shape.vocab_size)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Upstream initialisation: kaiming-uniform embedding, default Linear, zero adaLN and output."""
+        nn.init.kaiming_uniform_(self.vocab_embed.weight, a=math.sqrt(5))
+        for block in self.blocks.values():
+            nn.init.zeros_(block.adaLN_modulation.weight)
+            nn.init.zeros_(block.adaLN_modulation.bias)
+        if self.output_layer is not None:
+            for layer in (self.output_layer.adaLN_modulation, self.output_layer.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def conditioning(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The vector c that drives every adaLN modulation. Without time conditioning sigma is zeroed
+        (the network never sees t, as in every ProSeCo run) and c is a learned constant."""
+        if not self.cfg.time_conditioning:
+            sigma = torch.zeros_like(sigma)
+        return F.silu(self.sigma_map(sigma))
+
+    def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        if sigma is None:
+            sigma = torch.zeros(tokens.shape[0], device=tokens.device)
+        x = self.vocab_embed(tokens)
+        c = self.conditioning(sigma)
+        rope = self.rotary_emb(tokens.shape[1], tokens.device)
+        for block in self.blocks.values():
+            x = block(x, c, rope)
+        return self.output_layer(x, c)
+
+
+def forward_flops_per_sequence(cfg: ModelConfig, shape: ModelShape, seq_len: int | None = None) -> int:
+    """Forward FLOPs of one sequence (multiply-add = 2 FLOPs), bidirectional attention included.
+
+    A training step costs 3x the forward (backward = 2x). Checked against torch's FlopCounterMode
+    in tests/test_model.py.
+    """
+    length = seq_len or shape.seq_len
+    d, cond, hidden = cfg.d_model, cfg.cond_dim, cfg.mlp_ratio * cfg.d_model
+    per_token_block = 2 * (4 * d * d + 2 * d * hidden) + 2 * 2 * length * d  # projections + MLP + QK^T, AV
+    per_sequence_block = 2 * cond * 6 * d  # adaLN modulation, once per sequence
+    per_token_head = 2 * d * shape.vocab_size
+    per_sequence_cond = 2 * (FREQUENCY_EMBEDDING_SIZE * cond + cond * cond) + 2 * cond * 2 * d
+    return (cfg.n_layers * (per_token_block * length + per_sequence_block)
+            + per_token_head * length + per_sequence_cond)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,296 @@
+"""ProSeCo sampling: MDLM ancestral sampling with self-correction loops (proseco-method.md section 3).
+
+Two samplers share the corrector:
+
+- `ancestral`: T unmasking steps from t=1 to t=1e-5 (MDLM's ddpm_cache update). Every omega steps
+  a corrector loop runs: y = the denoiser's argmax (or a sample), then S rounds of y <- update(
+  corrector(y)) on the fully unmasked sequence; the result is written back only to positions
+  that were unmasked before the step, and the step's unmasking is drawn from the corrector's
+  distribution (the denoiser's own draw is discarded).
+- `blockwise` (sampling.block_length set): LLaDA-style semi-autoregressive blocks with
+  low-confidence unmasking; the corrector stops early at a fixed point and rewrites committed
+  tokens up to the current block.
+
+Caching and NFE accounting are per sample: a sample whose input did not change since its last
+forward reuses that forward (no NFE), so the counts are what the official code reports with batch
+size 1, whatever the batch size here; a corrector that reached a fixed point costs no further
+forward. A prompt (fixed prefix) is never rewritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pretrain.config import SamplingConfig
+from pretrain.diffusion import NoiseSchedule, subs_log_probs, suppress_logits
+
+FINAL_EPS = 1e-5  # the official sampler ends at t = 1e-5, not at the training eps
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor         # [N, L]
+    nfe_denoiser: torch.Tensor   # [N] forwards of the denoiser on each sample
+    nfe_corrector: torch.Tensor  # [N] forwards of the corrector on each sample
+
+    @property
+    def nfe_total(self) -> torch.Tensor:
+        return self.nfe_denoiser + self.nfe_corrector
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens whose cumulative probability stays within top_p (always the top
+    one), renormalised."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_probs.cumsum(-1) <= top_p
+    keep[..., 0] = True
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+    return filtered / filtered.sum(-1, keepdim=True)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gumbel-max draw: argmax p / E with E ~ Exp(1), in the probabilities' dtype (fp64 avoids the
+    low-precision Gumbel bias)."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def write_back(x: torch.Tensor, y: torch.Tensor, fixed: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Corrections land only on tokens unmasked before this step (never on the prompt)."""
+    return torch.where((x != mask_id) & ~fixed, y, x)
+
+
+class Sampler:
+    """Draws samples from a denoiser (plain or EMA weights: the caller chooses) with ProSeCo loops."""
+
+    def __init__(self, model: nn.Module, cfg: SamplingConfig, *, mask_id: int, vocab_size: int, seq_len: int,
+                 schedule: NoiseSchedule, time_conditioning: bool = False, device: torch.device | None = None,
+                 autocast: torch.autocast | None = None):
+        self.model, self.cfg = model, cfg
+        self.mask_id, self.vocab_size, self.seq_len = mask_id, vocab_size, seq_len
+        self.schedule, self.time_conditioning = schedule, time_conditioning
+        self.device = device or next(model.parameters()).device
+        self.dtype = torch.float64 if cfg.float64 else torch.float32
+        self.autocast = autocast
+        # Rows of the model's output: the real vocabulary, or more when padded for tensor parallelism.
+        head = getattr(getattr(model, "output_layer", None), "linear", None)
+        self.model_vocab = head.out_features if head is not None else vocab_size
+
+    # -- forwards (the only place NFEs are spent) ------------------------------------------------
+
+    @torch.no_grad()
+    def _logits(self, x: torch.Tensor, rows: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Raw logits of the selected rows; sigma is ignored by a model without time conditioning."""
+        tokens = x[rows]
+        sigmas = torch.full((tokens.shape[0],), sigma, device=x.device)
+        if self.autocast is not None:
+            with self.autocast:
+                return self.model(tokens, sigmas).to(self.dtype)
+        return self.model(tokens, sigmas).to(self.dtype)
+
+    def _denoiser_log_probs(self, x: torch.Tensor, rows: torch.Tensor, sigma: float) -> torch.Tensor:
+        return subs_log_probs(self._logits(x, rows, sigma), x[rows], self.mask_id, self.vocab_size)
+
+    def _corrector_log_probs(self, y: torch.Tensor, rows: torch.Tensor, sigma: float) -> torch.Tensor:
+        # No carry-over: the corrector may change any token of its fully unmasked input.
+        return torch.log_softmax(suppress_logits(self._logits(y, rows, sigma), self.mask_id, self.vocab_size), -1)
+
+    # -- shared pieces ---------------------------------------------------------------------------
+
+    def _start(self, num_samples: int, prompt: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.full((num_samples, self.seq_len), self.mask_id, dtype=torch.long, device=self.device)
+        fixed = torch.zeros_like(x, dtype=torch.bool)
+        if prompt is not None:
+            prompt = prompt.to(self.device)
+            if prompt.dim() == 1:
+                prompt = prompt.expand(num_samples, -1)
+            if prompt.shape[1] >= self.seq_len:
+                raise ValueError(f"a prompt of {prompt.shape[1]} tokens leaves nothing to generate in {self.seq_len}")
+            x[:, : prompt.shape[1]] = prompt
+            fixed[:, : prompt.shape[1]] = True
+        return x, fixed
+
+    def _corrector_update(self, probs: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mode = self.cfg.corrector_sampling
+        if mode == "argmax":
+            return probs.argmax(-1)
+        if mode == "sample":
+            return sample_categorical(probs, generator)
+        # select_top_k: change only the k most confident positions where the argmax disagrees with y.
+        confidence, proposal = probs.max(-1)
+        confidence = torch.where(proposal != y, confidence, torch.full_like(confidence, -1.0))
+        k = min(self.cfg.corrector_top_k, y.shape[1])
+        top = confidence.topk(k, dim=-1).indices
+        chosen = torch.zeros_like(y, dtype=torch.bool).scatter(1, top, True) & (proposal != y)
+        return torch.where(chosen, proposal, y)
+
+    def _corrector_loop(self, y: torch.Tensor, fixed: torch.Tensor, sigma: float, nfe: torch.Tensor,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """S rounds of y <- update(corrector(y)); returns y and the last corrector log-probs.
+
+        A round whose input equals the previous round's reuses that forward (the fixed point costs
+        nothing more and changes nothing with argmax updates).
+        """
+        batch = y.shape[0]
+        log_probs = torch.empty(batch, self.seq_len, self.model_vocab, dtype=self.dtype, device=y.device)
+        fresh = torch.zeros(batch, dtype=torch.bool, device=y.device)  # log_probs[row] belongs to y[row]
+        for _ in range(self.cfg.corrector_steps):
+            need = ~fresh
+            if need.any():
+                log_probs[need] = self._corrector_log_probs(y, need, sigma)
+                nfe[need] += 1
+            proposal = self._corrector_update(nucleus(log_probs.exp(), self.cfg.nucleus_p), y, generator)
+            proposal = torch.where(fixed, y, proposal)  # the prompt stays the corrector's input too
+            fresh = (proposal == y).all(-1) if self.cfg.use_cache else torch.zeros_like(fresh)
+            y = proposal
+        return y, log_probs
+
+    # -- ancestral sampling ----------------------------------------------------------------------
+
+    def _posterior_sample(self, probs: torch.Tensor, x: torch.Tensor, t: float, s: float,
+                          generator: torch.Generator) -> torch.Tensor:
+        """MDLM's reverse step from t to s for masked positions; unmasked tokens are copied."""
+        mc_t = float(self.schedule.move_chance(torch.tensor(t, dtype=torch.float64)))
+        mc_s = float(self.schedule.move_chance(torch.tensor(s, dtype=torch.float64)))
+        q = probs * ((mc_t - mc_s) / mc_t)
+        q[..., self.mask_id] = mc_s / mc_t
+        draw = sample_categorical(q, generator)
+        return torch.where(x == self.mask_id, draw, x)
+
+    def _ancestral(self, x: torch.Tensor, fixed: torch.Tensor, generator: torch.Generator,
+                   progress=None) -> SampleResult:
+        cfg, steps, batch = self.cfg, self.cfg.steps, x.shape[0]
+        nfe_den = torch.zeros(batch, dtype=torch.long, device=x.device)
+        nfe_cor = torch.zeros_like(nfe_den)
+        log_p = torch.empty(batch, self.seq_len, self.model_vocab, dtype=self.dtype, device=x.device)
+        fresh = torch.zeros(batch, dtype=torch.bool, device=x.device)  # log_p[row] belongs to x[row]
+        # Reusing a forward is exact only when the network does not see t.
+        cache = cfg.use_cache and not self.time_conditioning
+        times = torch.linspace(1.0, FINAL_EPS, steps + 1, dtype=torch.float64).tolist()
+        for i in range(steps):
+            t, s = times[i], times[i + 1]
+            sigma = float(self.schedule(torch.tensor(t, dtype=torch.float64))[0])
+            need = ~fresh
+            if need.any():
+                log_p[need] = self._denoiser_log_probs(x, need, sigma)
+                nfe_den[need] += 1
+            probs = nucleus(log_p.exp(), cfg.nucleus_p)
+            x_next = self._posterior_sample(probs, x, t, s, generator)
+            if cfg.corrector_steps > 0 and (i + 1) % cfg.corrector_every == 0 and i + 1 >= cfg.corrector_start_iter:
+                prior = probs.argmax(-1) if cfg.corrector_prior == "argmax" else sample_categorical(probs, generator)
+                y, corrector_log_p = self._corrector_loop(torch.where(fixed, x, prior), fixed, sigma, nfe_cor, generator)
+                x = write_back(x, y, fixed, self.mask_id)
+                # The unmasking of this step is drawn from the corrector's distribution instead.
+                x_next = self._posterior_sample(nucleus(corrector_log_p.exp(), cfg.nucleus_p), x, t, s, generator)
+                log_p = corrector_log_p
+            fresh = (x_next == x).all(-1) if cache else torch.zeros_like(fresh)
+            x = x_next
+            if progress is not None:
+                progress(i + 1, steps, x)
+        if cfg.denoise_final:
+            left = (x == self.mask_id).any(-1)
+            if left.any():
+                final = self._denoiser_log_probs(x, left, 0.0).argmax(-1)
+                x[left] = torch.where(x[left] == self.mask_id, final, x[left])
+                nfe_den[left] += 1
+        return SampleResult(x, nfe_den, nfe_cor)
+
+    # -- semi-autoregressive blocks --------------------------------------------------------------
+
+    def _blockwise(self, x: torch.Tensor, fixed: torch.Tensor, generator: torch.Generator,
+                   progress=None) -> SampleResult:
+        cfg, batch = self.cfg, x.shape[0]
+        start = int(fixed[0].sum())
+        block = cfg.block_length
+        generated = self.seq_len - start
+        if generated % block:
+            raise ValueError(f"sampling.block_length={block} must divide the {generated} generated positions")
+        num_blocks = generated // block
+        if cfg.steps % num_blocks:
+            raise ValueError(f"sampling.steps={cfg.steps} must be a multiple of the {num_blocks} blocks")
+        steps_per_block = cfg.steps // num_blocks
+        nfe_den = torch.zeros(batch, dtype=torch.long, device=x.device)
+        nfe_cor = torch.zeros_like(nfe_den)
+        all_rows = torch.ones(batch, dtype=torch.bool, device=x.device)
+        positions = torch.arange(self.seq_len, device=x.device)
+        step_index = 0
+        for b in range(num_blocks):
+            lo, hi = start + b * block, start + (b + 1) * block
+            # Unmask an even share of the block per step, the remainder in the first steps (as LLaDA).
+            base, extra = divmod(block, steps_per_block)
+            quota = [base + (1 if k < extra else 0) for k in range(steps_per_block)]
+            for k in range(steps_per_block):
+                scores = suppress_logits(self._logits(x, all_rows, 0.0), self.mask_id, self.vocab_size)
+                nfe_den += 1
+                selectable = (x == self.mask_id) & (positions < hi)
+                if cfg.corrector_steps > 0 and (k + 1) % cfg.corrector_every == 0 and step_index + 1 >= cfg.corrector_start_iter:
+                    x, scores = self._block_corrector(x, scores, selectable, fixed, hi, nfe_cor)
+                step_index += 1
+                if cfg.temperature > 0:
+                    probs = torch.softmax(scores.to(self.dtype) / cfg.temperature, -1)
+                    proposal = sample_categorical(probs, generator)
+                else:
+                    proposal = scores.argmax(-1)
+                confidence = torch.softmax(scores.double(), -1).gather(-1, proposal[..., None])[..., 0]
+                confidence = torch.where(selectable, confidence, torch.full_like(confidence, -1.0))
+                chosen_index = confidence.topk(quota[k], dim=-1).indices
+                chosen = torch.zeros_like(selectable).scatter(1, chosen_index, True) & selectable
+                x = torch.where(chosen, proposal, x)
+                if progress is not None:
+                    progress(step_index, cfg.steps, x)
+        return SampleResult(x, nfe_den, nfe_cor)
+
+    def _block_corrector(self, x: torch.Tensor, scores: torch.Tensor, selectable: torch.Tensor, fixed: torch.Tensor,
+                         hi: int, nfe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLaDA-variant loop: argmax fills every mask (future blocks too), committed tokens stay; up to
+        S argmax rounds over the generated part up to the current block, stopping per sample at a
+        fixed point (that pass is counted). Committed tokens take the corrector's final argmax and
+        the corrector's logits drive this step's unmasking of the current block."""
+        editable = torch.zeros_like(selectable)
+        editable[:, :hi] = True
+        editable &= ~fixed
+        y = torch.where(x == self.mask_id, scores.argmax(-1), x)
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        corrected = scores.clone()
+        for _ in range(self.cfg.corrector_steps):
+            rows = active.nonzero()[:, 0]
+            logits = suppress_logits(self._logits(y, active, 0.0), self.mask_id, self.vocab_size)
+            nfe[active] += 1
+            corrected[rows] = torch.where(editable[rows, :, None], logits, corrected[rows])
+            proposal = torch.where(editable[rows], logits.argmax(-1), y[rows])
+            converged = (proposal == y[rows]).all(-1)
+            y[rows] = proposal
+            active[rows[converged]] = False
+            if not active.any():
+                break
+        commit = editable & ~selectable  # tokens already committed before this step
+        return torch.where(commit, y, x), corrected
+
+    # -- entry point -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, prompt: torch.Tensor | None = None, seed: int | None = None,
+               progress=None) -> SampleResult:
+        """Generate `num_samples` sequences in batches of cfg.batch_size.
+
+        `progress(step, total, x)` is called after every unmasking step with the current tokens.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed if seed is None else seed)
+        results = []
+        try:
+            for first in range(0, num_samples, self.cfg.batch_size):
+                count = min(self.cfg.batch_size, num_samples - first)
+                x, fixed = self._start(count, prompt)
+                run = self._blockwise if self.cfg.block_length else self._ancestral
+                results.append(run(x, fixed, generator, progress))
+        finally:
+            self.model.train(was_training)
+        return SampleResult(*(torch.cat([getattr(r, name) for r in results])
+                              for name in ("tokens", "nfe_denoiser", "nfe_corrector")))

@@ -1,0 +1,303 @@
+"""The training loop: `proseco train CONFIG [section.field=value ...]`.
+
+Data flow of one optimizer step: the loader gives this rank's micro-batches of the global batch;
+the objective masks them (keyed randomness), runs the two ProSeCo passes and returns per-token
+losses; their sum over the whole global batch divided by its token count is the loss, so every
+layout and accumulation schedule optimises the same number. Then: NaN/Inf guard, clipping, AdamW,
+EMA. Around it: validation with EMA weights, atomic checkpoints, exact resume, preemption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.env import DistEnv, detect_launch, init_distributed, shutdown
+from parallel.rng import seed_dropout
+from pretrain.checkpoint import Checkpointer, CheckpointError, app_state, latest_checkpoint, load_app_state
+from pretrain.config import RunConfig, grad_accum_steps, resolve_dp, save_config, to_dict, validate
+from pretrain.data import TrainLoader, eval_batches, open_shards
+from pretrain.evaluate import validation_metrics
+from pretrain.metrics import MetricsLogger, Throughput, plot_losses
+from pretrain.model import DiT, ModelShape, count_parameters, forward_flops_per_sequence
+from pretrain.optim import EMA, build_optimizer, lr_factor, set_lr
+from pretrain.step import Objective, compute_losses
+from tokenizer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient: raised before the optimizer could apply it."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    last_val: dict = field(default_factory=dict)
+
+
+def resolve_model_shape(cfg: RunConfig, vocab_size: int, seq_len: int) -> RunConfig:
+    """Fill model.vocab_size and model.seq_len from the shards, or check the ones given."""
+    m = cfg.model
+    if m.vocab_size is not None and m.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+                        "set it to null (take it from the tokenizer) or at least that")
+    if m.seq_len is not None and m.seq_len != seq_len:
+        raise UserError(f"model.seq_len={m.seq_len} but the shards hold sequences of {seq_len}; set it to null "
+                        "or re-shard with --seq-len")
+    model = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size, seq_len=seq_len)
+    return dataclasses.replace(cfg, model=model)
+
+
+def autocast_for(cfg: RunConfig, device: torch.device) -> torch.autocast | None:
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return None
+
+
+class PreemptionFlag:
+    """SIGTERM/SIGUSR1 (Slurm preemption, scancel, --signal) ask for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled (so all ranks save together)."""
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) training; returns the final validation metrics."""
+    launch = detect_launch()
+    validate(cfg, world_size=launch.world_size)  # before any process group starts
+    env = init_distributed(launch, cfg.train.device, cfg.parallel.timeout_s)
+    try:
+        return Trainer(cfg, env).run()
+    finally:
+        shutdown()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv):
+        self.env = env
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.manifest, self.tokenizer = open_shards(cfg.data.shards)
+        self.cfg = cfg = resolve_model_shape(cfg, self.tokenizer.vocab_size, self.manifest.seq_len)
+        self.dp_size = resolve_dp(cfg, env.world_size)
+        self.dp_rank = env.rank // (cfg.parallel.tp * cfg.parallel.pp)
+        self.accum = grad_accum_steps(cfg, env.world_size)
+        self.shape = ModelShape(vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model: nn.Module = DiT(cfg.model, self.shape).to(env.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.objective = Objective.build(cfg.diffusion, mask_id=self.tokenizer.mask_id,
+                                         vocab_size=self.tokenizer.vocab_size, seed=cfg.train.seed,
+                                         global_batch_size=cfg.data.global_batch_size)
+        self.autocast = autocast_for(cfg, env.device)
+        self.loader = TrainLoader(cfg.data.shards, global_batch_size=cfg.data.global_batch_size,
+                                  micro_batch_size=cfg.data.micro_batch_size, dp_rank=self.dp_rank,
+                                  dp_size=self.dp_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                                  shuffle=cfg.data.shuffle, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                         cfg.checkpoint.async_save)
+        self.state = TrainState()
+        self.flops_per_step = self._flops_per_step()
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _flops_per_step(self) -> int:
+        forward = forward_flops_per_sequence(self.cfg.model, self.shape) * self.cfg.data.global_batch_size
+        if not self.cfg.diffusion.corrector_training:
+            return 3 * forward
+        return (7 if self.cfg.train.step_mode == "two_pass" else 6) * forward
+
+    def _resume(self) -> None:
+        self.checkpointer.remove_incomplete()
+        choice = self.cfg.checkpoint.resume
+        folder = self.checkpointer.folder
+        if choice == "none":
+            if latest_checkpoint(folder) is not None:
+                raise UserError(f"{folder} already holds checkpoints and checkpoint.resume=none; use "
+                                "checkpoint.resume=auto to continue, or a new logging.run_dir")
+            return
+        path = latest_checkpoint(folder) if choice == "auto" else Path(choice)
+        if path is None:
+            return
+        state = app_state(self.model, self.optimizer, self.ema.shadow if self.ema else None)
+        try:
+            meta = self.checkpointer.load(path, state)
+        except (RuntimeError, ValueError) as err:
+            if isinstance(err, UserError):
+                raise
+            raise CheckpointError(f"cannot load {path} into this model ({str(err).splitlines()[0]}); was it saved "
+                                  "with another model config?") from None
+        load_app_state(self.model, self.optimizer, state)
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.num_updates = int(meta["ema_num_updates"])
+            else:
+                self.ema = EMA(self.model, self.cfg.optim.ema_decay)
+        self.loader.load_state_dict(meta["data"])
+        self.state = TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"], last_val=meta.get("val", {}))
+        self._log_main(f"resumed from {path} at step {self.state.step}")
+
+    def _save(self) -> Path:
+        meta = {"data": self.loader.state_dict(), "tokens_seen": self.state.tokens_seen, "config": to_dict(self.cfg),
+                "has_ema": self.ema is not None, "ema_num_updates": self.ema.num_updates if self.ema else 0,
+                "val": self.state.last_val, "world_size": self.env.world_size}
+        state = app_state(self.model, self.optimizer, self.ema.shadow if self.ema else None)
+        return self.checkpointer.save(self.state.step, state, meta)
+
+    def _log_main(self, message: str) -> None:
+        if not self.env.is_main:
+            return
+        logger = getattr(self, "logger", None)
+        logger.print(message) if logger is not None else print(message, flush=True)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.env.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._resume()
+        self.logger = MetricsLogger(cfg, self.run_dir, self.env.is_main, cfg.train.max_steps, self.state.step)
+        self._log_main(f"model: {count_parameters(self.model):,} parameters, vocab {self.shape.vocab_size}, "
+                       f"seq_len {self.shape.seq_len}; {self.dp_size} data-parallel x {self.accum} micro-batches "
+                       f"of {cfg.data.micro_batch_size}; step mode {cfg.train.step_mode}")
+        preemption = PreemptionFlag()
+        batches = iter(self.loader)
+        throughput = Throughput()
+        tokens_per_step = cfg.data.global_batch_size * self.shape.seq_len
+        try:
+            while self.state.step < cfg.train.max_steps:
+                record = self._train_step([next(batches) for _ in range(self.accum)])
+                self.state.step += 1
+                self.state.tokens_seen += tokens_per_step
+                throughput.add(tokens_per_step)
+                self.checkpointer.poll()
+                step = self.state.step
+                if step % cfg.logging.log_every == 0 or step == cfg.train.max_steps:
+                    tps = throughput.rate()
+                    record.update(step=step, split="train", tokens_seen=self.state.tokens_seen, tokens_per_s=tps,
+                                  tflops_per_s=tps / tokens_per_step * self.flops_per_step / 1e12)
+                    self.logger.log(record)
+                    self.logger.progress(step, record["loss"], tps)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                    self._validate()
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                    self._save()
+                if preemption.agreed():
+                    self._log_main(f"preemption signal: saving step {step} and exiting")
+                    self._save()
+                    self.checkpointer.wait()
+                    return {"preempted": True, "step": step}
+            final = self._validate()
+            self._save()
+            self.checkpointer.wait()
+            if self.env.is_main:
+                plot_losses(self.run_dir)
+            return final
+        finally:
+            self.logger.close()
+
+    def _train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro-batches; returns its metrics."""
+        cfg, device = self.cfg, self.env.device
+        step = self.state.step
+        self.model.train()
+        seed_dropout(cfg.train.seed, step, self.env.rank)
+        set_lr(self.optimizer, cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.max_steps))
+        batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in micro_batches]
+        # Normalise by the token count of the whole global batch (all ranks, all micro-batches), so
+        # the loss does not depend on how the batch is split (the official reduction, made global).
+        n_tokens = self._all_reduce(sum(b["valid"].sum() for b in batches).float() * self.shape.seq_len)
+        n_tokens = n_tokens.clamp(min=1.0)
+        sums = torch.zeros(5, device=device)  # total, mdlm, corrector, input errors, output errors
+        for batch in batches:
+            losses = compute_losses(self.model, batch, self.objective, step, cfg.train.step_mode, True, self.autocast)
+            (losses.total.sum() / n_tokens).backward()
+            sums += torch.stack([t.detach().sum() for t in (losses.total, losses.mdlm, losses.corrector,
+                                                            losses.corrector_input_errors,
+                                                            losses.corrector_output_errors)])
+        sums = self._all_reduce(sums) / n_tokens
+        grad_norm = self._clip_gradients()
+        record = {"loss": sums[0].item(), "mdlm_nelbo": sums[1].item(), "corrector_nll": sums[2].item(),
+                  "corrector_input_error": sums[3].item(), "corrector_output_error": sums[4].item(),
+                  "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
+        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+            self._handle_nonfinite(step, record)
+            return record
+        self.state.skipped_steps = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return record
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _handle_nonfinite(self, step: int, record: dict) -> None:
+        what = "loss" if not math.isfinite(record["loss"]) else "gradient norm"
+        self.optimizer.zero_grad(set_to_none=True)
+        message = (f"non-finite {what} at step {step} (loss={record['loss']}, grad_norm={record['grad_norm']}); "
+                   "the update was not applied")
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(message + "; the last checkpoint is intact. Lower optim.lr, check the data, or set "
+                                 "train.on_nonfinite=skip")
+        self.state.skipped_steps += 1
+        self._log_main(message + f" (skipped {self.state.skipped_steps} in a row)")
+        if self.state.skipped_steps >= self.cfg.train.max_skipped_steps:
+            raise NonFiniteError(f"{self.state.skipped_steps} consecutive non-finite steps up to step {step}; "
+                                 "stopping (train.max_skipped_steps)")
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized() and self.dp_size > 1:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor)
+        return tensor
+
+    def _validate(self) -> dict:
+        started = time.perf_counter()
+        batches = eval_batches(self.cfg.data.shards, "val", micro_batch_size=self.cfg.data.micro_batch_size,
+                               dp_rank=self.dp_rank, dp_size=self.dp_size,
+                               max_batches=self.cfg.train.eval_batches or None)
+        metrics = validation_metrics(self.model, self.ema, batches, self.objective, self.state.step,
+                                     self.env.device, self._all_reduce, self.autocast)
+        metrics.update(step=self.state.step, split="val", seconds=time.perf_counter() - started)
+        self.state.last_val = metrics
+        self.logger.log(metrics)
+        self._log_main(f"step {self.state.step}: val MDLM NELBO {metrics['mdlm_nelbo']:.4f} "
+                       f"(perplexity <= {metrics['perplexity_bound']:.2f}), corrector loss "
+                       f"{metrics['corrector_nll']:.4f}, corrector output error {metrics['corrector_output_error']:.3f}")
+        return metrics

