@@ -107,14 +107,20 @@ class Checkpointer:
                     shutil.rmtree(path, ignore_errors=True)
         _barrier()
 
-    def save(self, step: int, state: dict, meta: dict) -> Path:
-        """Write a checkpoint (collective: every rank calls it). Returns its final path."""
+    def save(self, step: int, state: dict, meta: dict, attachments: dict[str, Path] | None = None) -> Path:
+        """Write a checkpoint (collective: every rank calls it). Returns its final path.
+
+        `attachments` are folders copied into the checkpoint (e.g. the tokenizer), so a checkpoint
+        folder alone is enough to sample from or convert.
+        """
         self.wait()
         final = self.folder / checkpoint_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+            for name, source in (attachments or {}).items():
+                shutil.copytree(source, tmp / name)
         _barrier()
         meta = {**meta, "step": step, "saved_at": time.time()}
         if self.async_save:
@@ -165,3 +171,37 @@ class Checkpointer:
             state.pop("ema", None)  # saved without EMA: the EMA restarts from the loaded weights
         dcp.load(state, checkpoint_id=str(path))
         return meta
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder / checkpoints folder (then its latest checkpoint)."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    for folder in (path / "checkpoints", path):
+        found = latest_checkpoint(folder)
+        if found is not None:
+            return found
+    raise CheckpointError(f"no complete checkpoint at {path}; pass a step_XXXXXXXX folder or a run folder "
+                          "that holds checkpoints/")
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
+    """A trained model for inference (EMA weights by default), its run config and its tokenizer.
+
+    Reads any checkpoint (any layout it was saved from) into one process; the tokenizer travels
+    inside the checkpoint folder.
+    """
+    from pretrain.config import RunConfig, load_config_dict
+    from pretrain.model import DiT, ModelShape
+    from tokenizer.tokenizers import load_tokenizer
+
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    cfg: RunConfig = load_config_dict(meta["config"])
+    shape = ModelShape(vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+    model = DiT(cfg.model, shape)
+    weights = dict(model.named_parameters())
+    key = "ema" if use_ema and meta.get("has_ema", False) else "model"
+    dcp.load({key: weights}, checkpoint_id=str(path))
+    return model.to(device).eval(), cfg, load_tokenizer(path / "tokenizer")

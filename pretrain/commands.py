@@ -1,10 +1,13 @@
-"""`proseco train|sample|eval|checkpoint ...`: the commands that run models."""
+"""`proseco train|sample ...`: the commands that run models."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
+from pathlib import Path
 
 from pretrain.config import load_config
 
@@ -18,9 +21,81 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps(result))
 
 
+def _sampling_overrides(args: argparse.Namespace) -> dict:
+    """The sampler flags the user gave, as SamplingConfig fields."""
+    names = ("steps", "batch_size", "nucleus_p", "corrector_steps", "corrector_every", "corrector_start_iter",
+             "corrector_sampling", "corrector_top_k", "corrector_prior", "block_length", "temperature", "seed")
+    chosen = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.no_cache:
+        chosen["use_cache"] = False
+    if args.float32:
+        chosen["float64"] = False
+    if args.denoise_final:
+        chosen["denoise_final"] = True
+    return chosen
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from pretrain.checkpoint import load_model
+    from pretrain.config import validate
+    from pretrain.diffusion import NoiseSchedule
+    from pretrain.sampler import Sampler
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, tokenizer = load_model(args.checkpoint, device, use_ema=not args.raw_weights)
+    sampling = dataclasses.replace(cfg.sampling, **_sampling_overrides(args))
+    cfg = dataclasses.replace(cfg, sampling=sampling)
+    validate(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=-1, tp=1, pp=1)))
+    prompt = torch.tensor([tokenizer.bos_id, *tokenizer.encode(args.prompt)]) if args.prompt else None
+    sampler = Sampler(model, sampling, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                      seq_len=cfg.model.seq_len, schedule=NoiseSchedule(cfg.diffusion),
+                      time_conditioning=cfg.model.time_conditioning, device=device)
+    num_samples = args.num_samples or sampling.num_samples
+    result = sampler.sample(num_samples)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as stream:
+        for i in range(num_samples):
+            ids = result.tokens[i].tolist()
+            stream.write(json.dumps({"text": tokenizer.decode(ids), "tokens": ids,
+                                     "nfe_denoiser": int(result.nfe_denoiser[i]),
+                                     "nfe_corrector": int(result.nfe_corrector[i]),
+                                     "nfe_total": int(result.nfe_total[i])}) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {num_samples} samples to {out}: mean NFE {result.nfe_total.float().mean():.1f} "
+          f"(denoiser {result.nfe_denoiser.float().mean():.1f}, corrector {result.nfe_corrector.float().mean():.1f})")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="pretrain a model (one process, torchrun, srun or deepspeed)")
     train.add_argument("config", help="YAML run config, e.g. configs/shakespeare.yaml")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=100")
     train.add_argument("--print-result", action="store_true", help="print the final validation metrics as JSON")
     train.set_defaults(func=_train)
+
+    sample = sub.add_parser("sample", help="draw samples with the ProSeCo sampler from a checkpoint")
+    sample.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (latest checkpoint)")
+    sample.add_argument("--out", required=True, help="JSONL file: one sample per line with its NFE counts")
+    sample.add_argument("--num-samples", type=int, help="default: sampling.num_samples of the run")
+    sample.add_argument("--steps", type=int, help="unmasking steps T")
+    sample.add_argument("--batch-size", type=int)
+    sample.add_argument("--nucleus-p", type=float)
+    sample.add_argument("--corrector-steps", type=int, help="corrector iterations per loop S (0: plain MDLM)")
+    sample.add_argument("--corrector-every", type=int, help="a corrector loop every this many steps (omega)")
+    sample.add_argument("--corrector-start-iter", type=int)
+    sample.add_argument("--corrector-sampling", choices=["argmax", "sample", "select_top_k"])
+    sample.add_argument("--corrector-top-k", type=int)
+    sample.add_argument("--corrector-prior", choices=["argmax", "sample"])
+    sample.add_argument("--block-length", type=int, help="semi-autoregressive blocks of this length")
+    sample.add_argument("--temperature", type=float, help="block mode: 0 = greedy")
+    sample.add_argument("--prompt", help="text to condition on (kept fixed as the prefix)")
+    sample.add_argument("--seed", type=int)
+    sample.add_argument("--no-cache", action="store_true", help="recompute every forward (same samples, more NFE)")
+    sample.add_argument("--float32", action="store_true", help="sample from float32 instead of float64 probabilities")
+    sample.add_argument("--denoise-final", action="store_true", help="fill masks left after the last step")
+    sample.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sample.set_defaults(func=_sample)

@@ -308,6 +308,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _build(RunConfig, raw, prefix="")
 
 
+def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A RunConfig from an already parsed mapping (e.g. the config saved in a checkpoint)."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy overrides can change
+    for override in overrides:
+        _apply_override(raw, override)
+    return _build(RunConfig, raw, prefix="")
+
+
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, value = override.partition("=")
     if not sep or not key:
@@ -376,6 +384,11 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)

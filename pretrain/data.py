@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tokenizer.format import Manifest, ShardInfo, ShardReader, ShardError, read_manifest
+from tokenizer.format import Manifest, ShardError, ShardInfo, ShardReader, read_manifest
+from tokenizer.tokenizers import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,18 @@ def open_split(folder: str | Path, split: str = "train", *, expected_tokenizer_s
     shards = SplitShards(folder=folder, split=split, seq_len=manifest.seq_len, dtype=manifest.dtype,
                          infos=tuple(info.shards), paths=paths, counts=counts, bad=bad)
     return manifest, shards
+
+
+def open_shards(folder: str | Path) -> tuple[Manifest, Tokenizer]:
+    """The manifest of a shard folder and the tokenizer copied into it, checked against each other."""
+    folder = Path(folder)
+    manifest = read_manifest(folder) if folder.is_dir() else open_split(folder)[0]  # open_split names the fix
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    if tokenizer.sha256 != manifest.tokenizer_sha256 or tokenizer.vocab_size != manifest.vocab_size:
+        raise ShardError(f"{folder}/tokenizer (sha256 {tokenizer.sha256}, vocab {tokenizer.vocab_size}) is not the "
+                         f"tokenizer the shards were made with (sha256 {manifest.tokenizer_sha256}, vocab "
+                         f"{manifest.vocab_size}); re-create the shards with `proseco tokenizer shard`")
+    return manifest, tokenizer
 
 
 def _check_files(folder: Path, split: str, infos: Sequence[ShardInfo], paths: Sequence[Path],

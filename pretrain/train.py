@@ -106,6 +106,7 @@ class Trainer:
         self.env = env
         self.run_dir = Path(cfg.logging.run_dir)
         self.manifest, self.tokenizer = open_shards(cfg.data.shards)
+        self.tokenizer_dir = Path(cfg.data.shards) / "tokenizer"
         self.cfg = cfg = resolve_model_shape(cfg, self.tokenizer.vocab_size, self.manifest.seq_len)
         self.dp_size = resolve_dp(cfg, env.world_size)
         self.dp_rank = env.rank // (cfg.parallel.tp * cfg.parallel.pp)
@@ -122,7 +123,8 @@ class Trainer:
         self.loader = TrainLoader(cfg.data.shards, global_batch_size=cfg.data.global_batch_size,
                                   micro_batch_size=cfg.data.micro_batch_size, dp_rank=self.dp_rank,
                                   dp_size=self.dp_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-                                  shuffle=cfg.data.shuffle, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+                                  shuffle=cfg.data.shuffle, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
+                                  expected_tokenizer_sha256=self.tokenizer.sha256)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                          cfg.checkpoint.async_save)
         self.state = TrainState()
@@ -171,7 +173,7 @@ class Trainer:
                 "has_ema": self.ema is not None, "ema_num_updates": self.ema.num_updates if self.ema else 0,
                 "val": self.state.last_val, "world_size": self.env.world_size}
         state = app_state(self.model, self.optimizer, self.ema.shadow if self.ema else None)
-        return self.checkpointer.save(self.state.step, state, meta)
+        return self.checkpointer.save(self.state.step, state, meta, {"tokenizer": self.tokenizer_dir})
 
     def _log_main(self, message: str) -> None:
         if not self.env.is_main:

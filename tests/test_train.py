@@ -1,0 +1,149 @@
+"""The single-process training loop end to end on real shards: exact resume, NaN guard,
+checkpoints, bad input, sampling from a checkpoint."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain.train as train_module
+from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from pretrain.cli import main as cli_main
+from pretrain.config import load_config
+from pretrain.metrics import read_metrics
+from pretrain.train import NonFiniteError, train
+from tokenizer.errors import UserError
+from tokenizer.shard import shard_corpus
+from tokenizer.train import train_tokenizer
+
+WORDS = "the a king queen sword crown night day love war speaks runs falls sleeps red old young".split()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A small corpus of word salad with some structure, char-tokenized and packed to 32 tokens."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(120):
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
+        (docs / f"{i:03d}.txt").write_text(sentence + ".")
+    train_tokenizer(str(docs), "char", root / "tok")
+    shard_corpus(str(docs), root / "tok", seq_len=32, out=root / "shards", packing="pack", samples_per_shard=40, workers=1,
+                 val_fraction=0.1)
+    return root / "shards"
+
+
+def tiny_config(shards: Path, run_dir: Path, *overrides: str):
+    return load_config(None, [
+        f"data.shards={shards}", f"logging.run_dir={run_dir}", "model.d_model=32", "model.n_layers=2",
+        "model.n_heads=2", "model.cond_dim=16", "data.global_batch_size=8", "data.micro_batch_size=4",
+        "data.num_workers=0", "optim.warmup_steps=2", "optim.lr=3e-3", "train.eval_every=3", "train.eval_batches=2",
+        "checkpoint.every=3", "logging.log_every=1", "logging.progress=false", "model.dropout=0.1",
+        "train.max_steps=6", *overrides])
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"}
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
+    """N steps == k steps + resume + N-k steps, loss for loss (dropout on, accumulation of 2)."""
+    straight = train(tiny_config(shards, tmp_path / "a"))
+    train(tiny_config(shards, tmp_path / "b", "train.max_steps=3"))
+    resumed = train(tiny_config(shards, tmp_path / "b"))
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    straight.pop("seconds"), resumed.pop("seconds")
+    assert straight == resumed  # final validation metrics, bit for bit
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_00000003", "step_00000006"]
+    assert (tmp_path / "b" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "b" / "config.yaml").is_file()
+
+
+def test_two_pass_mode_trains_like_reuse_without_dropout(shards, tmp_path):
+    a = train(tiny_config(shards, tmp_path / "reuse", "model.dropout=0.0", "train.max_steps=3"))
+    b = train(tiny_config(shards, tmp_path / "two", "model.dropout=0.0", "train.max_steps=3",
+                          "train.step_mode=two_pass"))
+    la, lb = train_losses(tmp_path / "reuse"), train_losses(tmp_path / "two")
+    assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-4 * abs(la[k]) for k in la)
+    assert a["mdlm_nelbo"] == pytest.approx(b["mdlm_nelbo"], rel=1e-4)
+
+
+def test_nonfinite_loss_stops_before_the_update_and_keeps_the_checkpoint(shards, tmp_path, monkeypatch):
+    real = train_module.compute_losses
+
+    def poisoned(model, batch, objective, step, *args, **kwargs):
+        losses = real(model, batch, objective, step, *args, **kwargs)
+        if step == 4:  # the fifth optimizer step
+            losses.total = losses.total * float("nan")
+        return losses
+
+    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 4"):
+        train(tiny_config(shards, tmp_path / "run"))
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
+    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    result = train(tiny_config(shards, tmp_path / "skip", "train.on_nonfinite=skip"))
+    assert result["step"] == 6 and all(v == v for v in train_losses(tmp_path / "skip").values() if v is not None)
+
+
+def test_preemption_saves_and_resumes(shards, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def signalled(self):
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    monkeypatch.setattr(train_module.PreemptionFlag, "agreed", signalled)
+    result = train(tiny_config(shards, tmp_path / "run", "checkpoint.every=0"))
+    assert result == {"preempted": True, "step": 2}
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
+    monkeypatch.undo()
+    assert train(tiny_config(shards, tmp_path / "run", "checkpoint.every=0"))["step"] == 6
+
+
+def test_incomplete_checkpoints_are_never_latest(shards, tmp_path):
+    train(tiny_config(shards, tmp_path / "run", "train.max_steps=3"))
+    folder = tmp_path / "run" / "checkpoints"
+    shutil.copytree(folder / "step_00000003", folder / "step_00000009.tmp")
+    broken = folder / "step_00000008"
+    shutil.copytree(folder / "step_00000003", broken)
+    (broken / "meta.json").unlink()  # a save killed before it finished
+    assert latest_checkpoint(folder).name == "step_00000003"
+    train(tiny_config(shards, tmp_path / "run", "train.max_steps=4"))  # resumes from 3, cleans the .tmp
+    assert not (folder / "step_00000009.tmp").exists()
+    assert latest_checkpoint(folder).name == "step_00000004"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.seq_len=64"], "model.seq_len=64 but the shards hold sequences of 32"),
+    (["model.vocab_size=3"], "smaller than the tokenizer"),
+    (["data.shards=/nonexistent/shards"], "does not exist"),
+])
+def test_bad_input_is_reported_before_training(shards, tmp_path, overrides, needle):
+    with pytest.raises(UserError, match=needle):
+        train(tiny_config(shards, tmp_path / "run", *overrides))
+
+
+def test_resume_none_refuses_to_overwrite(shards, tmp_path):
+    train(tiny_config(shards, tmp_path / "run", "train.max_steps=3"))
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train(tiny_config(shards, tmp_path / "run", "checkpoint.resume=none"))
+
+
+def test_sample_command_from_checkpoint(shards, tmp_path):
+    train(tiny_config(shards, tmp_path / "run", "train.max_steps=3"))
+    out = tmp_path / "samples.jsonl"
+    code = cli_main(["sample", "--checkpoint", str(tmp_path / "run"), "--num-samples", "3", "--steps", "8",
+                     "--corrector-steps", "2", "--out", str(out), "--denoise-final"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["nfe_total"] == r["nfe_denoiser"] + r["nfe_corrector"] for r in rows)
+    assert all(r["nfe_corrector"] >= 8 for r in rows)  # a loop after each of the 8 steps
+    model, cfg, tokenizer = load_model(tmp_path / "run")
+    assert cfg.model.seq_len == 32 and isinstance(model(torch.zeros(1, 32, dtype=torch.long)), torch.Tensor)
+    assert cli_main(["sample", "--checkpoint", str(tmp_path / "nothing"), "--out", str(out)]) == 2
