@@ -10,6 +10,7 @@ EMA. Around it: validation with EMA weights, atomic checkpoints, exact resume, p
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -26,10 +27,10 @@ from parallel.rng import seed_dropout
 from pretrain.checkpoint import Checkpointer, CheckpointError, app_state, latest_checkpoint, load_app_state
 from pretrain.config import RunConfig, grad_accum_steps, resolve_dp, save_config, to_dict, validate
 from pretrain.data import TrainLoader, eval_batches, open_shards
-from pretrain.evaluate import validation_metrics
+from pretrain.evaluate import sample_report, validation_metrics
 from pretrain.metrics import MetricsLogger, Throughput, plot_losses
 from pretrain.model import DiT, ModelShape, count_parameters, forward_flops_per_sequence
-from pretrain.optim import EMA, build_optimizer, lr_factor, set_lr
+from pretrain.optim import EMA, EMAWeights, build_optimizer, lr_factor, set_lr
 from pretrain.step import Objective, compute_losses
 from tokenizer.errors import UserError
 
@@ -224,6 +225,7 @@ class Trainer:
             self.checkpointer.wait()
             if self.env.is_main:
                 plot_losses(self.run_dir)
+                self._report_samples()
             return final
         finally:
             self.logger.close()
@@ -288,6 +290,18 @@ class Trainer:
             tensor = tensor.clone()
             dist.all_reduce(tensor)
         return tensor
+
+    def _report_samples(self) -> None:
+        """Samples at a low NFE budget, without and with correction (EMA weights), as a table."""
+        if self.cfg.sampling.num_samples == 0 or self.env.world_size > 1:
+            return
+        with EMAWeights(self.model, self.ema):
+            table, rows = sample_report(self.model, self.tokenizer, self.cfg, self.manifest.corpus, self.env.device)
+        (self.run_dir / "samples.md").write_text(table + "\n")
+        with open(self.run_dir / "samples.jsonl", "w") as stream:
+            for row in rows:
+                stream.write(json.dumps(row) + "\n")
+        self._log_main("samples (EMA weights):\n" + table)
 
     def _validate(self) -> dict:
         started = time.perf_counter()

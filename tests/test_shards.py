@@ -146,7 +146,7 @@ def test_manifest_and_both_readers(workdir, text_corpus, bpe):
         assert len(data) == info.bytes and hashlib.sha256(data).hexdigest() == info.sha256
     # Plain webdataset reads the same samples under the same keys.
     paths = [str(out / s.path) for s in train.shards]
-    records = list(wds.WebDataset(paths, shardshuffle=False, empty_check=False).decode())
+    records = list(wds.WebDataset(paths, shardshuffle=False).decode())
     assert [r["__key__"] for r in records] == [f"{k:012d}" for k in range(train.samples)]
     from_wds = np.stack([r["tokens.npy"] for r in records])
     assert from_wds.dtype == np.uint16 and (from_wds == read_split(out, "train")).all()
@@ -177,6 +177,22 @@ def test_validation_split_holds_out_what_it_should(workdir, smiles_corpus, char)
     assert not set(got_val) & set(got_train)
 
 
+def test_shakespeare_val_shards_are_the_held_out_plays(workdir, capsys):
+    # Characters and one play per sample (pad, L above the longest play) keep this to about a second.
+    tok = train_tokenizer("shakespeare", "char", workdir / "shakespeare-char")
+    out = workdir / "shakespeare-plays"
+    parser = argparse.ArgumentParser(prog="proseco")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["tokenizer", "shard", "--corpus", "shakespeare", "--tokenizer", str(tok.folder),
+                              "--seq-len", "200000", "--out", str(out), "--workers", "1", "--samples-per-shard", "16"])
+    args.func(args)
+    assert "val 3 samples in 1 shards" in capsys.readouterr().out
+    plays = {split: [tok.decode_document(row) for row in read_split(out, split)] for split in ("train", "val")}
+    assert sorted(plays["val"]) == sorted(iter_documents("shakespeare", "val"))
+    assert sorted(plays["train"]) == sorted(iter_documents("shakespeare", "train")) and len(plays["train"]) == 35
+    assert verify_shards(out) == []
+
+
 def test_real_moses_subset_and_gpt2(workdir):
     moses_char = train_tokenizer("moses", "char", workdir / "moses-char")  # all 1.58 M SMILES: ~2 s
     out = workdir / "moses"
@@ -184,7 +200,7 @@ def test_real_moses_subset_and_gpt2(workdir):
     assert manifest.corpus == "moses(limit=500, max_chars=38)" and manifest.stats["train_samples"] == 500
     molecules = {moses_char.decode_document(row) for row in read_split(out, "train")}
     assert molecules == set(iter_documents("moses", "train", max_chars=38, limit=500))
-    gpt2 = train_tokenizer("unused", "gpt2", workdir / "gpt2")
+    gpt2 = train_tokenizer(None, "gpt2", workdir / "gpt2")
     text = workdir / "gpt2.txt"
     text.write_text("Hello world\n\nAnother document here.\n")
     manifest = shard_corpus(str(text), gpt2.folder, 4, workdir / "gpt2-shards", workers=1, val_fraction=0.0)

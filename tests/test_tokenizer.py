@@ -6,7 +6,6 @@ import argparse
 import json
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,8 @@ ADVERSARIAL = [
     "", " ", "   ", "\t", "\n", "\n\n\n", "  leading", "trailing  ", "\t\ttabs\tinside\t", "a  b   c    d",
     " \n \t \r\n mixed \r", "line one\nline two\n\n  indented\n", "日本語のテキスト、漢字。", "emoji 🎉👍🏽 family 👨‍👩‍👧",
     "Ünïcödé ñ ß ŉ ǅ Å (A + ring: Å)", "never seen: ᚠᛇᚻ ꙮ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u0000 \u200b \ufeff",
-    "literal specials: [MASK] <s></s><pad><unk> <|endoftext|>", "sentencepiece's own space symbol: a\u2581b \u2581\u2581",
+    "literal specials: [MASK] <s></s><pad><unk> <|endoftext|>",
+    "sentencepiece's own space symbol: a\u2581b \u2581\u2581",
     "digits 0123456789 3.14159 1,000,000", "x" * 500, " " * 64 + "end",
 ]
 
@@ -89,7 +89,7 @@ def tokenizers(workdir, text_corpus) -> dict:
         "bpe": train_tokenizer(str(text_corpus), "bpe", workdir / "bpe", 600),
         "unigram": train_tokenizer(str(text_corpus), "unigram", workdir / "unigram", 600),
         "char": train_tokenizer(str(smiles), "char", workdir / "char", line_documents=True),
-        "gpt2": train_tokenizer("unused-for-gpt2", "gpt2", workdir / "gpt2"),
+        "gpt2": train_tokenizer(None, "gpt2", workdir / "gpt2"),
     }
 
 
@@ -111,9 +111,11 @@ def test_round_trip_on_adversarial_text(tokenizers, kind):
 
 def test_char_round_trip_and_unknown_characters(workdir):
     # A char alphabet with whitespace, CJK and emoji; text built only from it must round-trip.
+    # Of the two documents one is held out for validation: the alphabet covers both splits.
     corpus = workdir / "chars.txt"
     corpus.write_text("ab c\td\n日本 🎉é\n\nxyz  \u2581\n", encoding="utf-8")
-    tok = train_tokenizer(str(corpus), "char", workdir / "char-unicode", val_fraction=0.0)
+    assert len(list(iter_documents(str(corpus), "val"))) == 1
+    tok = train_tokenizer(str(corpus), "char", workdir / "char-unicode")
     assert tok.vocab_size == 4 + len(set("ab c\td\n日本 🎉é") | set("xyz  \u2581"))
     rng = random.Random(0)
     for _ in range(50):
@@ -157,7 +159,8 @@ def test_gpt2_matches_known_ids(tokenizers):
 def test_sentencepiece_folder_records_ids(tokenizers):
     tok = tokenizers["bpe"]
     config = json.loads((tok.folder / CONFIG_FILE).read_text())
-    assert (config["pad_id"], config["unk_id"], config["bos_id"], config["eos_id"], config["mask_id"]) == (0, 1, 2, 3, 4)
+    ids = [config[name] for name in ("pad_id", "unk_id", "bos_id", "eos_id", "mask_id")]
+    assert ids == [0, 1, 2, 3, 4]
     assert config["vocab_size"] == 600 == tok.processor.get_piece_size()
     assert tok.processor.id_to_piece(tok.mask_id) == MASK_TEXT
 
@@ -282,12 +285,12 @@ def test_path_corpora(tmp_path):
 
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)
-    (folder / "b.txt").write_text("  second\n\n\nwith blank lines\n")
+    (folder / "b.txt").write_bytes(b"  second\r\n\n\nwith blank lines\n")
     (folder / "sub" / "a.md").write_text("first")
     (folder / "skip.json").write_text("{}")
     both = list(iter_documents(str(folder), "train", val_fraction=0.0)) + list(
         iter_documents(str(folder), "val", val_fraction=0.0))
-    assert both == ["  second\n\n\nwith blank lines\n", "first"]  # sorted by path, kept byte for byte
+    assert both == ["  second\r\n\n\nwith blank lines\n", "first"]  # sorted by path, kept byte for byte
 
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": f"doc {i}", "id": i}) for i in range(10)) + "\n")
@@ -323,6 +326,10 @@ def test_cli_train(tmp_path, text_corpus, capsys):
              "--out", str(tmp_path / "tok")])
     assert "vocab_size 500" in capsys.readouterr().out
     assert load_tokenizer(tmp_path / "tok").vocab_size == 500
+    run_cli(["tokenizer", "train", "--kind", "gpt2", "--out", str(tmp_path / "gpt2")])  # needs no corpus
+    assert load_tokenizer(tmp_path / "gpt2").encode("Hello world") == [15496, 995]
+    with pytest.raises(UserError, match="pass --corpus"):
+        run_cli(["tokenizer", "train", "--kind", "char", "--out", str(tmp_path / "char")])
     with pytest.raises(UserError, match="already exists"):
         run_cli(["tokenizer", "train", "--corpus", str(text_corpus), "--kind", "bpe", "--vocab-size", "500",
                  "--out", str(tmp_path / "tok")])

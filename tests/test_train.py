@@ -44,6 +44,7 @@ def tiny_config(shards: Path, run_dir: Path, *overrides: str):
         "model.n_heads=2", "model.cond_dim=16", "data.global_batch_size=8", "data.micro_batch_size=4",
         "data.num_workers=0", "optim.warmup_steps=2", "optim.lr=3e-3", "train.eval_every=3", "train.eval_batches=2",
         "checkpoint.every=3", "logging.log_every=1", "logging.progress=false", "model.dropout=0.1",
+        "sampling.num_samples=2", "sampling.batch_size=2", "sampling.steps=4",
         "train.max_steps=6", *overrides])
 
 
@@ -62,6 +63,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_00000003", "step_00000006"]
     assert (tmp_path / "b" / "loss.png").stat().st_size > 0
     assert (tmp_path / "b" / "config.yaml").is_file()
+    assert "MDLM at equal NFE" in (tmp_path / "b" / "samples.md").read_text()
 
 
 def test_two_pass_mode_trains_like_reuse_without_dropout(shards, tmp_path):

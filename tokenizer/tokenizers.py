@@ -8,8 +8,8 @@ A tokenizer lives in a self-contained folder::
 
 `vocab_size` counts every id the model can see, specials and the mask included: it is the number
 of embedding rows. `sha256` hashes tokenizer.json (without the sha256 field and the descriptive
-"info" block) and the model files, so two folders with the same hash tokenize identically; `load_tokenizer` recomputes it and refuses
-a folder whose files changed after it was written.
+"info" block) and the model files, so two folders with the same hash tokenize identically;
+`load_tokenizer` recomputes it and refuses a folder whose files changed after it was written.
 """
 
 from __future__ import annotations
@@ -219,8 +219,11 @@ class GPT2Tokenizer(Tokenizer):
     kind = "gpt2"
 
     def __init__(self, config: dict[str, Any], folder: Path):
-        import tiktoken
-
+        try:
+            import tiktoken
+        except ImportError:
+            raise TokenizerError(f"{folder} is a gpt2 tokenizer, which needs tiktoken: "
+                                 "pip install 'tiktoken>=0.7' (the [gpt2] extra)") from None
         super().__init__(config, folder)
         ranks = read_tiktoken_ranks(folder / GPT2_RANKS_FILE)
         self.encoding = tiktoken.Encoding(
@@ -282,7 +285,8 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise TokenizerError(f"{path} has unknown kind {kind!r} (known: {', '.join(TOKENIZER_CLASSES)}); {hint}")
     for name in MODEL_FILES[kind]:
         if not (folder / name).is_file():
-            raise TokenizerError(f"{folder} lacks {name}, which a {kind} tokenizer needs; copy the whole folder or {hint}")
+            raise TokenizerError(f"{folder} lacks {name}, which a {kind} tokenizer needs; "
+                                 f"copy the whole folder or {hint}")
     return config
 
 

@@ -2,14 +2,18 @@
 
     proseco tokenizer train --corpus shakespeare --kind bpe --vocab-size 2048 --out data/shakespeare/tokenizer
 
-Only the train split is read. The folder is built under a temporary name next to `--out` and
-renamed when complete, so `--out` either holds a whole tokenizer or nothing.
+Only the train split is read, except by --kind char, whose alphabet covers both splits (an
+alphabet learns nothing from the text, and a character seen only in val would make sharding that
+corpus fail). The folder is built under a temporary name next to `--out` and renamed when
+complete, so `--out` either holds a whole tokenizer or nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
+import itertools
 import os
 import re
 import shutil
@@ -152,7 +156,8 @@ def train_sentencepiece(documents: Iterable[str], model_type: str, vocab_size: i
         if errors:
             raise errors[0]
         if stats["documents"] == 0:
-            raise CorpusError("the corpus has no training documents; check --corpus (and --max-chars/--limit)") from None
+            raise CorpusError("the corpus has no training documents; "
+                              "check --corpus (and --max-chars/--limit)") from None
         raise TokenizerError(_explain_sentencepiece_error(err, vocab_size)) from None
     if errors:
         raise errors[0]
@@ -197,10 +202,10 @@ def gpt2_ranks_file() -> Path:
 
 def make_gpt2_folder(folder: Path, vocab_size: int | None = None) -> dict[str, Any]:
     """Copy GPT-2's r50k ranks into `folder`; returns its config (mask 50257, EOS = BOS = PAD = 50256)."""
-    import hashlib
-
-    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
-
+    try:
+        from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    except ImportError:
+        raise TokenizerError("--kind gpt2 needs tiktoken: pip install 'tiktoken>=0.7' (the [gpt2] extra)") from None
     if vocab_size is not None and vocab_size != GPT2_VOCAB_SIZE:
         raise TokenizerError(f"--kind gpt2 has a fixed vocabulary of {GPT2_VOCAB_SIZE} (50257 GPT-2 ids + mask); "
                              f"omit --vocab-size or pass {GPT2_VOCAB_SIZE}")
@@ -221,27 +226,29 @@ def make_gpt2_folder(folder: Path, vocab_size: int | None = None) -> dict[str, A
 # Entry point
 
 
-def train_tokenizer(corpus: str, kind: str, out: str | Path, vocab_size: int | None = None, *,
+def train_tokenizer(corpus: str | None, kind: str, out: str | Path, vocab_size: int | None = None, *,
                     text_field: str | None = None, overwrite: bool = False, threads: int = 2,
                     **corpus_options: Any) -> Tokenizer:
-    """Make a tokenizer of `kind` from the train split of `corpus` in folder `out`, and load it.
+    """Make a tokenizer of `kind` from `corpus` (its train split; char: both) in folder `out`, and load it.
 
     vocab_size is required for bpe/unigram; for char it is an upper bound (the alphabet decides);
-    gpt2's is fixed. `corpus_options` are those of `tokenizer.corpora.iter_documents`.
+    gpt2's is fixed and needs no corpus. `corpus_options` are those of `tokenizer.corpora.iter_documents`.
     """
     if kind not in KINDS:
         raise TokenizerError(f"--kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
     if kind in ("bpe", "unigram") and vocab_size is None:
         raise TokenizerError(f"--kind {kind} needs --vocab-size (e.g. 2048 for Shakespeare)")
+    if kind != "gpt2" and corpus is None:
+        raise TokenizerError(f"--kind {kind} is trained on a corpus: pass --corpus NAME|PATH")
     out = Path(out)
-    check_output(out, overwrite, CONFIG_FILE)  # fail before training, not after
-    with atomic_folder(out, overwrite, CONFIG_FILE) as folder:
+    with atomic_folder(out, overwrite, CONFIG_FILE) as folder:  # checks `out` before any training
         if kind == "gpt2":
             config = make_gpt2_folder(folder, vocab_size)
         else:
             documents = iter_documents(corpus, "train", text_field, **corpus_options)
             if kind == "char":
-                config = make_char_config(documents, vocab_size)
+                val = iter_documents(corpus, "val", text_field, **corpus_options)
+                config = make_char_config(itertools.chain(documents, val), vocab_size)
             else:
                 config = train_sentencepiece(documents, kind, vocab_size, folder, threads)
             config["info"]["corpus"] = describe_corpus(corpus, text_field, **corpus_options)
