@@ -113,16 +113,16 @@ def add_noise(x0: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, *,
     return Noised(x0=x0, zt=zt, sigma=sigma, weight=loss_weight(sigma, dsigma), token_mask=token_mask)
 
 
-def corrector_input(logits: torch.Tensor, noised: Noised, cfg: DiffusionConfig, mask_id: int, vocab_size: int,
-                    seed: int, positions: torch.Tensor) -> torch.Tensor:
+def corrector_input(scores: torch.Tensor, noised: Noised, cfg: DiffusionConfig, mask_id: int, seed: int,
+                    positions: torch.Tensor) -> torch.Tensor:
     """y: the model's own reconstruction of z_t, without gradient.
 
-    argmax (the paper) or a categorical sample of the mask-suppressed logits; at every position
-    (corrector_input=all, the released runs: no carry-over, so even unmasked tokens may change) or
-    only at masked positions with the clean tokens elsewhere (corrector_input=masked).
+    argmax (the paper) or a categorical sample of the mask-suppressed logits `scores`; at every
+    position (corrector_input=all, the released runs: no carry-over, so even unmasked tokens may
+    change) or only at masked positions with the clean tokens elsewhere (corrector_input=masked).
     """
     with torch.no_grad():
-        scores = suppress_logits(logits.detach().float(), mask_id, vocab_size)
+        scores = scores.detach()
         if cfg.corrector_prior == "sample":
             token_index = torch.arange(scores.shape[1], device=scores.device)
             vocab_index = torch.arange(scores.shape[2], device=scores.device)
@@ -134,10 +134,9 @@ def corrector_input(logits: torch.Tensor, noised: Noised, cfg: DiffusionConfig, 
         return prediction
 
 
-def token_nll(logits: torch.Tensor, target: torch.Tensor, mask_id: int, vocab_size: int) -> torch.Tensor:
-    """-log softmax(logits)[target] per token with the mask logit suppressed, [B, L] in fp32."""
-    scores = suppress_logits(logits.float(), mask_id, vocab_size)
-    return F.cross_entropy(scores.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+def token_nll(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log softmax(scores)[target] per token, [B, L] in fp32 (scores: mask-suppressed logits)."""
+    return F.cross_entropy(scores.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
 
 
 @dataclass
@@ -151,26 +150,27 @@ class Losses:
     corrector_output_errors: torch.Tensor  # 1 where argmax of the corrector != x0 (no grad)
 
 
-def mdlm_losses(logits_zt: torch.Tensor, noised: Noised, mask_id: int, vocab_size: int) -> torch.Tensor:
+def mdlm_losses(scores_zt: torch.Tensor, noised: Noised, mask_id: int) -> torch.Tensor:
     """Per-token MDLM loss: weight * -log p(x0 | z_t) at masked positions, 0 elsewhere."""
-    nll = token_nll(logits_zt, noised.x0, mask_id, vocab_size)
+    nll = token_nll(scores_zt, noised.x0)
     masked = (noised.zt == mask_id).float()
     return noised.weight[:, None] * nll * masked * noised.token_mask
 
 
-def proseco_losses(logits_zt: torch.Tensor, logits_y: torch.Tensor | None, y: torch.Tensor | None, noised: Noised,
-                   cfg: DiffusionConfig, mask_id: int, vocab_size: int) -> Losses:
+def proseco_losses(scores_zt: torch.Tensor, scores_y: torch.Tensor | None, y: torch.Tensor | None, noised: Noised,
+                   cfg: DiffusionConfig, mask_id: int) -> Losses:
     """The joint objective of the official code, switch by switch (proseco-method.md section 2.2).
 
-    With logits_y None (before corrector_training_start_step, or corrector_training off) this is
+    `scores_*` are the logits of the two passes with the mask suppressed (`suppress_logits`).
+    With scores_y None (before corrector_training_start_step, or corrector_training off) this is
     plain MDLM, unscaled by mdlm_loss_weight, as the official fall-through branch.
     """
-    mdlm = mdlm_losses(logits_zt, noised, mask_id, vocab_size)
-    if logits_y is None:
+    mdlm = mdlm_losses(scores_zt, noised, mask_id)
+    if scores_y is None:
         zeros = torch.zeros_like(mdlm)
         return Losses(total=mdlm, mdlm=mdlm, corrector=zeros, corrector_input_errors=zeros,
                       corrector_output_errors=zeros)
-    nll = token_nll(logits_y, noised.x0, mask_id, vocab_size)
+    nll = token_nll(scores_y, noised.x0)
     weight = noised.weight[:, None] if cfg.weighted_corrector_loss else torch.ones_like(noised.weight)[:, None]
     wrong_input = (y != noised.x0)
     if cfg.corrector_errors_upweighted:
@@ -182,7 +182,7 @@ def proseco_losses(logits_zt: torch.Tensor, logits_y: torch.Tensor | None, y: to
     corrector = weight * per_token * noised.token_mask
     total = cfg.mdlm_loss_weight * mdlm + cfg.corrector_loss_weight * corrector
     with torch.no_grad():
-        output_wrong = suppress_logits(logits_y.detach(), mask_id, vocab_size).argmax(-1) != noised.x0
+        output_wrong = scores_y.detach().argmax(-1) != noised.x0
     return Losses(total=total, mdlm=mdlm, corrector=corrector,
                   corrector_input_errors=wrong_input.float() * noised.token_mask,
                   corrector_output_errors=output_wrong.float() * noised.token_mask)

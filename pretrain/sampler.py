@@ -54,10 +54,16 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gumbel-max draw: argmax p / E with E ~ Exp(1), in the probabilities' dtype (fp64 avoids the
-    low-precision Gumbel bias)."""
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise).argmax(-1)
+    """One draw per row of `probs` (unnormalised is fine) by inverting its CDF, in the probabilities'
+    dtype (fp64 avoids the low-precision sampling bias the official code fixes with fp64 Gumbel).
+
+    Same distribution as the official Gumbel-max draw, with one uniform per position instead of
+    one per vocabulary entry. A zero-probability token is never drawn: u lies in (0, total].
+    """
+    cdf = probs.cumsum(-1)
+    u = (1.0 - torch.rand(probs.shape[:-1], generator=generator, dtype=probs.dtype, device=probs.device))
+    u = u * cdf[..., -1]
+    return torch.searchsorted(cdf, u[..., None]).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def write_back(x: torch.Tensor, y: torch.Tensor, fixed: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -154,13 +160,14 @@ class Sampler:
 
     def _posterior_sample(self, probs: torch.Tensor, x: torch.Tensor, t: float, s: float,
                           generator: torch.Generator) -> torch.Tensor:
-        """MDLM's reverse step from t to s for masked positions; unmasked tokens are copied."""
+        """MDLM's reverse step from t to s: a masked position stays masked with probability
+        mc_s / mc_t, else takes a token drawn from `probs`; unmasked tokens are copied. (The same
+        distribution as sampling q = [probs * (1 - mc_s/mc_t), mc_s/mc_t] in one draw.)"""
         mc_t = float(self.schedule.move_chance(torch.tensor(t, dtype=torch.float64)))
         mc_s = float(self.schedule.move_chance(torch.tensor(s, dtype=torch.float64)))
-        q = probs * ((mc_t - mc_s) / mc_t)
-        q[..., self.mask_id] = mc_s / mc_t
-        draw = sample_categorical(q, generator)
-        return torch.where(x == self.mask_id, draw, x)
+        stay = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device) < mc_s / mc_t
+        draw = sample_categorical(probs, generator)
+        return torch.where((x == self.mask_id) & ~stay, draw, x)
 
     def _ancestral(self, x: torch.Tensor, fixed: torch.Tensor, generator: torch.Generator,
                    progress=None) -> SampleResult:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.config import DiffusionConfig
-from pretrain.diffusion import Losses, Noised, NoiseSchedule, add_noise, corrector_input, proseco_losses
+from pretrain.diffusion import Losses, Noised, NoiseSchedule, add_noise, corrector_input, proseco_losses, suppress_logits
 
 
 @dataclass
@@ -54,27 +54,29 @@ def compute_losses(model: Model, batch: dict, objective: Objective, step: int, m
     """Per-token losses of one micro-batch (sum them, divide by the global token count, backward)."""
     noised = objective.noise(batch, training)
     ctx = autocast if autocast is not None else nullcontext()
+
+    def scores(tokens: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Logits with the mask (and tensor-parallel padding) suppressed, computed once per pass
+        and shared by the argmax and the loss."""
+        with ctx:
+            logits = model(tokens, sigma)
+        return suppress_logits(logits.float(), objective.mask_id, objective.vocab_size)
+
+    def make_y(scores_zt: torch.Tensor) -> torch.Tensor:
+        return corrector_input(scores_zt, noised, objective.cfg, objective.mask_id, objective.seed,
+                               batch["position"])
+
     if not objective.corrector_active(step):
-        with ctx:
-            logits = model(noised.zt, noised.sigma)
-        return proseco_losses(logits, None, None, noised, objective.cfg, objective.mask_id, objective.vocab_size)
-
-    def make_y(logits: torch.Tensor) -> torch.Tensor:
-        return corrector_input(logits, noised, objective.cfg, objective.mask_id, objective.vocab_size,
-                               objective.seed, batch["position"])
-
+        return proseco_losses(scores(noised.zt, noised.sigma), None, None, noised, objective.cfg, objective.mask_id)
     if mode == "reuse":
-        with ctx:
-            logits_zt = model(noised.zt, noised.sigma)
-            y = make_y(logits_zt)
-            # The corrector pass sees the same sigma (zeroed anyway without time conditioning).
-            logits_y = model(y, noised.sigma)
+        scores_zt = scores(noised.zt, noised.sigma)
+        y = make_y(scores_zt)
+        # The corrector pass sees the same sigma (zeroed anyway without time conditioning).
+        scores_y = scores(y, noised.sigma)
     elif mode == "two_pass":
-        with torch.no_grad(), ctx:
-            y = make_y(model(noised.zt, noised.sigma))
-        with ctx:
-            both = model(torch.cat([noised.zt, y]), torch.cat([noised.sigma, noised.sigma]))
-        logits_zt, logits_y = both.chunk(2)
+        with torch.no_grad():
+            y = make_y(scores(noised.zt, noised.sigma))
+        scores_zt, scores_y = scores(torch.cat([noised.zt, y]), torch.cat([noised.sigma, noised.sigma])).chunk(2)
     else:
         raise ValueError(f"unknown step mode {mode!r}: use reuse or two_pass")
-    return proseco_losses(logits_zt, logits_y, y, noised, objective.cfg, objective.mask_id, objective.vocab_size)
+    return proseco_losses(scores_zt, scores_y, y, noised, objective.cfg, objective.mask_id)

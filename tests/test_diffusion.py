@@ -8,7 +8,7 @@ import torch
 from parallel.rng import keyed_uniform
 from pretrain.config import DiffusionConfig
 from pretrain.diffusion import (NoiseSchedule, Noised, corrector_input, loss_weight, mask_tokens, proseco_losses,
-                                sample_t, subs_log_probs)
+                                sample_t, subs_log_probs, suppress_logits)
 
 MASK = 3
 VOCAB = 4
@@ -31,6 +31,11 @@ LOGITS_Y = [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 0.0]]
 W = 2.0  # the MDLM weight 1/t at t = 0.5
 
 
+def scores(logits) -> torch.Tensor:
+    """The logits as the step hands them to the objective: mask suppressed."""
+    return suppress_logits(torch.tensor([logits]), MASK, VOCAB)
+
+
 def noised() -> Noised:
     return Noised(x0=torch.tensor([X0]), zt=torch.tensor([ZT]), sigma=torch.tensor([0.7]), weight=torch.tensor([W]),
                   token_mask=torch.ones(1, 3))
@@ -47,12 +52,12 @@ def test_loss_switches_match_hand_computation(corrector_input_mode, weighted, up
     cfg = DiffusionConfig(corrector_input=corrector_input_mode, weighted_corrector_loss=weighted,
                           corrector_errors_upweighted=upweighted, mdlm_loss_weight=0.7, corrector_loss_weight=1.3)
     n = noised()
-    y = corrector_input(torch.tensor([LOGITS_ZT]), n, cfg, MASK, VOCAB, seed=0, positions=torch.tensor([0]))
+    y = corrector_input(scores(LOGITS_ZT), n, cfg, MASK, seed=0, positions=torch.tensor([0]))
     # argmax over real tokens: [1, 1, 0]; "masked" keeps the clean token at the unmasked position 1.
     expected_y = [1, 1, 0] if corrector_input_mode == "all" else [1, 2, 0]
     assert y.tolist() == [expected_y]
 
-    losses = proseco_losses(torch.tensor([LOGITS_ZT]), torch.tensor([LOGITS_Y]), y, n, cfg, MASK, VOCAB)
+    losses = proseco_losses(scores(LOGITS_ZT), scores(LOGITS_Y), y, n, cfg, MASK)
     mdlm = expected_mdlm()
     corrector = []
     for pos in range(3):
@@ -72,7 +77,7 @@ def test_loss_switches_match_hand_computation(corrector_input_mode, weighted, up
 def test_plain_mdlm_branch_ignores_scalar_weights():
     """Before corrector_training_start_step the official code falls through to unscaled MDLM."""
     cfg = DiffusionConfig(mdlm_loss_weight=0.5)
-    losses = proseco_losses(torch.tensor([LOGITS_ZT]), None, None, noised(), cfg, MASK, VOCAB)
+    losses = proseco_losses(scores(LOGITS_ZT), None, None, noised(), cfg, MASK)
     assert losses.total[0].tolist() == pytest.approx(expected_mdlm(), rel=1e-6)
     assert losses.corrector.abs().sum() == 0
 
@@ -82,7 +87,7 @@ def test_invalid_samples_contribute_nothing():
     n.token_mask = torch.zeros(1, 3)
     cfg = DiffusionConfig()
     y = torch.tensor([[1, 1, 0]])
-    losses = proseco_losses(torch.tensor([LOGITS_ZT]), torch.tensor([LOGITS_Y]), y, n, cfg, MASK, VOCAB)
+    losses = proseco_losses(scores(LOGITS_ZT), scores(LOGITS_Y), y, n, cfg, MASK)
     assert losses.total.abs().sum() == 0 and losses.corrector_input_errors.sum() == 0
 
 
@@ -91,12 +96,12 @@ def test_sampled_corrector_input_follows_the_softmax():
     logits = torch.tensor([0.0, 1.0, 2.0, 50.0]).expand(1, 20000, 4)  # the huge mask logit must never win
     n = Noised(x0=torch.zeros(1, 20000, dtype=torch.long), zt=torch.full((1, 20000), MASK), sigma=torch.ones(1),
                weight=torch.ones(1), token_mask=torch.ones(1, 20000))
-    y = corrector_input(logits, n, cfg, MASK, VOCAB, seed=5, positions=torch.tensor([7]))
+    y = corrector_input(suppress_logits(logits, MASK, VOCAB), n, cfg, MASK, seed=5, positions=torch.tensor([7]))
     freq = torch.bincount(y.flatten(), minlength=VOCAB).float() / y.numel()
     expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
     assert freq[MASK] == 0
     assert torch.allclose(freq[:MASK], expected, atol=0.015)
-    again = corrector_input(logits, n, cfg, MASK, VOCAB, seed=5, positions=torch.tensor([7]))
+    again = corrector_input(suppress_logits(logits, MASK, VOCAB), n, cfg, MASK, seed=5, positions=torch.tensor([7]))
     assert torch.equal(y, again)  # keyed: reproducible
 
 

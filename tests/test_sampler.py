@@ -10,7 +10,7 @@ from torch import nn
 from pretrain.config import DiffusionConfig, ModelConfig, SamplingConfig
 from pretrain.diffusion import NoiseSchedule
 from pretrain.model import DiT, ModelShape
-from pretrain.sampler import Sampler, nucleus, write_back
+from pretrain.sampler import Sampler, nucleus, sample_categorical, write_back
 from tests.test_model import randomise
 
 VOCAB, MASK, L = 12, 11, 10
@@ -167,3 +167,12 @@ def test_block_corrector_stops_at_fixed_point():
     result = sampler.sample(2)
     # y = 5 everywhere from the start: the first corrector pass confirms it (counted) and stops.
     assert result.nfe_corrector.tolist() == [10, 10] and result.nfe_denoiser.tolist() == [10, 10]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_categorical_draws_follow_the_probabilities(dtype):
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0], dtype=dtype).expand(200_000, 6)
+    draws = sample_categorical(probs * 3.0, torch.Generator().manual_seed(0))  # unnormalised is fine
+    freq = torch.bincount(draws, minlength=6).double() / draws.numel()
+    assert freq[[0, 2, 5]].sum() == 0  # zero-probability tokens are never drawn
+    assert torch.allclose(freq, probs[0].double(), atol=0.005)

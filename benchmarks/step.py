@@ -1,0 +1,119 @@
+"""Cost of the ProSeCo step against the MDLM step, side by side in one process.
+
+For the default model (configs/shakespeare.yaml: 4 x 256, vocab 2048, L=128) and the same
+micro-batch, times forward+backward of: MDLM (one pass), ProSeCo reuse (the official cost: two
+passes with gradient) and ProSeCo two-pass (a no-grad pass, then one graded pass of both
+halves). Rounds interleave the three so that machine noise hits them alike; medians are
+reported. Also: activation memory (bytes saved for backward, exact and device independent),
+FLOPs per step from the formula (checked against torch's FlopCounterMode in tests/test_model.py).
+
+Floors: 2.0 for reuse (twice the tokens through forward and backward), 7/3 = 2.33 for two-pass
+(plus one forward). On a CPU whose per-token cost grows with the batch (caches), MDLM at twice
+the batch is reported too: it is what reuse actually competes with.
+
+    python -m benchmarks.step
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from pretrain.config import DiffusionConfig, load_config
+from pretrain.model import DiT, ModelShape, forward_flops_per_sequence
+from pretrain.step import Objective, compute_losses
+
+CONFIG = "configs/shakespeare.yaml"
+VOCAB, SEQ_LEN = 2048, 128
+ROUNDS = 7
+
+
+def _batch(size: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {"tokens": torch.randint(5, VOCAB, (size, SEQ_LEN), generator=generator),
+            "position": torch.arange(size), "valid": torch.ones(size, dtype=torch.bool)}
+
+
+def _objective(corrector: bool, batch_size: int) -> Objective:
+    return Objective.build(DiffusionConfig(corrector_training=corrector), mask_id=4, vocab_size=VOCAB, seed=0,
+                           global_batch_size=batch_size)
+
+
+def _step(model, batch, objective, mode) -> None:
+    losses = compute_losses(model, batch, objective, step=0, mode=mode)
+    (losses.total.sum() / losses.total.numel()).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _saved_bytes(model, batch, objective, mode) -> int:
+    """Bytes of the tensors autograd keeps for backward (the activation memory of the step)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = compute_losses(model, batch, objective, step=0, mode=mode)
+    del losses
+    return sum(seen.values())
+
+
+def run() -> list[dict]:
+    cfg = load_config(CONFIG)
+    torch.manual_seed(0)
+    model = DiT(cfg.model, ModelShape(VOCAB, SEQ_LEN))
+    with torch.no_grad():  # non-zero weights, as after training (the zero-initialised head is atypical)
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    micro = cfg.data.micro_batch_size
+    cases = {
+        "mdlm": (_batch(micro), _objective(False, micro), "reuse"),
+        "mdlm_2x_batch": (_batch(2 * micro), _objective(False, 2 * micro), "reuse"),
+        "reuse": (_batch(micro), _objective(True, micro), "reuse"),
+        "two_pass": (_batch(micro), _objective(True, micro), "two_pass"),
+    }
+    for batch, objective, mode in cases.values():  # warm-up
+        _step(model, batch, objective, mode)
+    times = {name: [] for name in cases}
+    for _ in range(ROUNDS):
+        for name, (batch, objective, mode) in cases.items():
+            start = time.perf_counter()
+            _step(model, batch, objective, mode)
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    memory = {name: _saved_bytes(model, *cases[name]) for name in ("mdlm", "reuse", "two_pass")}
+    flops = forward_flops_per_sequence(cfg.model, ModelShape(VOCAB, SEQ_LEN)) * micro
+    setup = (f"{cfg.model.n_layers} x {cfg.model.d_model} DiT, vocab {VOCAB}, L={SEQ_LEN}, micro-batch {micro}, fp32, "
+             f"{torch.get_num_threads()} threads, median of {ROUNDS} interleaved rounds")
+    tokens = micro * SEQ_LEN
+    return [
+        {"name": "proseco_over_mdlm_reuse", "value": round(median["reuse"] / median["mdlm"], 3), "unit": "ratio",
+         "what": f"step time ProSeCo reuse / MDLM at equal batch; floor 2.0, target <= 2.05; {setup}"},
+        {"name": "proseco_over_mdlm_two_pass", "value": round(median["two_pass"] / median["mdlm"], 3), "unit": "ratio",
+         "what": f"step time ProSeCo two-pass / MDLM at equal batch; floor 2.33, target <= 2.40; {setup}"},
+        {"name": "proseco_reuse_over_mdlm_2x_batch", "value": round(median["reuse"] / median["mdlm_2x_batch"], 3),
+         "unit": "ratio", "what": f"step time ProSeCo reuse / MDLM at twice the batch (same tokens through the "
+                                  f"network); {setup}"},
+        {"name": "train_tokens_per_s_proseco_reuse", "value": round(tokens / median["reuse"]), "unit": "tokens/s",
+         "what": f"data tokens per second of the ProSeCo reuse step; {setup}"},
+        {"name": "train_tokens_per_s_mdlm", "value": round(tokens / median["mdlm"]), "unit": "tokens/s",
+         "what": f"data tokens per second of the MDLM step; {setup}"},
+        {"name": "activation_mb_mdlm", "value": round(memory["mdlm"] / 2**20, 1), "unit": "MiB",
+         "what": f"bytes saved for backward by the MDLM step; {setup}"},
+        {"name": "activation_over_mdlm_reuse", "value": round(memory["reuse"] / memory["mdlm"], 3), "unit": "ratio",
+         "what": "activation memory of ProSeCo reuse / MDLM (both graphs live until backward)"},
+        {"name": "activation_over_mdlm_two_pass", "value": round(memory["two_pass"] / memory["mdlm"], 3),
+         "unit": "ratio", "what": "activation memory of ProSeCo two-pass / MDLM (pass 1 stores nothing)"},
+        {"name": "train_flops_per_step_reuse", "value": 6 * flops, "unit": "FLOPs",
+         "what": f"formula FLOPs of one ProSeCo reuse micro-batch (2 x forward+backward); {setup}"},
+        {"name": "train_tflops_per_s_reuse", "value": round(6 * flops / median["reuse"] / 1e12, 4), "unit": "TFLOP/s",
+         "what": f"achieved model FLOP/s of the reuse step on this machine; {setup}"},
+    ]
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
