@@ -192,16 +192,17 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
     Reads any checkpoint (any layout it was saved from) into one process; the tokenizer travels
     inside the checkpoint folder.
     """
-    from pretrain.config import RunConfig, load_config_dict
+    from pretrain.config import RunConfig, load_config_dict, padded_vocab_size
     from pretrain.model import DiT, ModelShape
     from tokenizer.tokenizers import load_tokenizer
 
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     cfg: RunConfig = load_config_dict(meta["config"])
-    shape = ModelShape(vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+    shape = ModelShape(vocab_size=padded_vocab_size(cfg.model, cfg.model.vocab_size), seq_len=cfg.model.seq_len)
     model = DiT(cfg.model, shape)
     weights = dict(model.named_parameters())
     key = "ema" if use_ema and meta.get("has_ema", False) else "model"
-    dcp.load({key: weights}, checkpoint_id=str(path))
+    # no_dist: this process reads every shard itself, also inside a multi-process job.
+    dcp.load({key: weights}, checkpoint_id=str(path), no_dist=True)
     return model.to(device).eval(), cfg, load_tokenizer(path / "tokenizer")

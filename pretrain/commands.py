@@ -69,6 +69,65 @@ def _sample(args: argparse.Namespace) -> None:
           f"(denoiser {result.nfe_denoiser.float().mean():.1f}, corrector {result.nfe_corrector.float().mean():.1f})")
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _eval(args: argparse.Namespace) -> None:
+    """Validation NELBO and corrector loss of a checkpoint, plus sample quality with --samples."""
+    import torch
+
+    from pretrain.checkpoint import load_model
+    from pretrain.sweep import GridPoint, evaluate_checkpoint, run_grid, summary_markdown
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = evaluate_checkpoint(args.checkpoint, split=args.split, batches=args.batches or None, shards=args.shards,
+                                 device=device)
+    if args.samples > 0:
+        _, cfg, _ = load_model(args.checkpoint)
+        point = GridPoint(args.steps or cfg.sampling.steps, args.corrector_steps, args.corrector_every)
+        overrides = {"nucleus_p": args.nucleus_p} if args.nucleus_p is not None else {}
+        row = run_grid(args.checkpoint, [point], args.samples, batch_size=args.batch_size, seed=args.seed,
+                       device=device, sampling_overrides=overrides, shards=args.shards, log=lambda m: None)[0]
+        result["samples"] = {k: v for k, v in row.items() if k not in ("model", "checkpoint", "train_step")}
+    flat = {k: v for k, v in result.items() if k != "samples"}
+    flat.update({f"samples.{k}": v for k, v in result.get("samples", {}).items()})
+    print(summary_markdown(flat), end="")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    """Quality against NFE over checkpoints x steps x corrector settings -> sweep.csv/.md/.png."""
+    import torch
+
+    from pretrain.sweep import make_grid, plot_sweep, read_rows, run_grid, write_table
+
+    if args.merge:
+        rows = [row for folder in args.merge for row in read_rows(Path(folder) / "sweep.csv")]
+    else:
+        if not args.checkpoint:
+            raise SystemExit("proseco sweep: give --checkpoint (one or more) or --merge DIR ...")
+        device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        points = make_grid(args.steps, args.corrector_steps, args.corrector_every)
+        overrides = {"nucleus_p": args.nucleus_p} if args.nucleus_p is not None else {}
+        labels = args.label or []
+        if labels and len(labels) != len(args.checkpoint):
+            raise SystemExit("proseco sweep: give one --label per --checkpoint (or none)")
+        rows = []
+        for i, checkpoint in enumerate(args.checkpoint):
+            rows += run_grid(checkpoint, points, args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                             label=labels[i] if labels else None, device=device, sampling_overrides=overrides,
+                             novelty=not args.no_novelty, log=lambda m: print(m, flush=True))
+    csv_path, md_path = write_table(rows, args.out)
+    png_path = plot_sweep(rows, Path(args.out) / "sweep.png", title=args.title)
+    print(md_path.read_text(), end="")
+    print(f"wrote {csv_path}, {md_path}, {png_path}")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="pretrain a model (one process, torchrun, srun or deepspeed)")
     train.add_argument("config", help="YAML run config, e.g. configs/shakespeare.yaml")
@@ -99,3 +158,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sample.set_defaults(func=_sample)
+
+    evaluate = sub.add_parser("eval", help="validation NELBO, corrector loss and (with --samples) sample quality")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (latest checkpoint)")
+    evaluate.add_argument("--split", default="val", help="shard split to evaluate on (default val)")
+    evaluate.add_argument("--batches", type=int, default=0, help="validation micro-batches (default 0: the whole split)")
+    evaluate.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
+    evaluate.add_argument("--samples", type=int, default=0, help="also draw this many samples and score them")
+    evaluate.add_argument("--steps", type=int, help="unmasking steps T (default: sampling.steps of the run)")
+    evaluate.add_argument("--corrector-steps", type=int, default=0, help="corrector iterations per loop S")
+    evaluate.add_argument("--corrector-every", type=int, default=1, help="a corrector loop every this many steps")
+    evaluate.add_argument("--batch-size", type=int, help="samples generated at once (default: all)")
+    evaluate.add_argument("--nucleus-p", type=float)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", help="write the metrics as JSON here")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.set_defaults(func=_eval)
+
+    sweep = sub.add_parser("sweep", help="sample quality against NFE over steps x corrector settings")
+    sweep.add_argument("--checkpoint", action="append", help="checkpoint or run folder; repeat for more models")
+    sweep.add_argument("--label", action="append", help="model name in the table, one per --checkpoint "
+                                                        "(default: the run's name)")
+    sweep.add_argument("--steps", type=_int_list, default=[4, 8, 16, 32, 64], help="unmasking steps T, e.g. 4,8,16")
+    sweep.add_argument("--corrector-steps", type=_int_list, default=[0, 1, 2], help="corrector iterations S, e.g. 0,1,2")
+    sweep.add_argument("--corrector-every", type=_int_list, default=[1], help="omega values, e.g. 1,2")
+    sweep.add_argument("--num-samples", type=int, default=64, help="samples per grid point")
+    sweep.add_argument("--batch-size", type=int, help="samples generated at once (default: all)")
+    sweep.add_argument("--nucleus-p", type=float)
+    sweep.add_argument("--seed", type=int, default=0, help="sampler seed, the same for every grid point")
+    sweep.add_argument("--no-novelty", action="store_true", help="SMILES: skip the training set (no novelty)")
+    sweep.add_argument("--merge", nargs="+", help="instead of sampling: combine the sweep.csv of these folders")
+    sweep.add_argument("--title", help="plot title")
+    sweep.add_argument("--out", required=True, help="folder for sweep.csv, sweep.md and sweep.png")
+    sweep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sweep.set_defaults(func=_sweep)

@@ -52,7 +52,10 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "flash"] = "auto"
     """Attention kernel: flash-attn when importable and on CUDA (auto), else PyTorch SDPA."""
     vocab_size: int | None = None
-    """Embedding rows including the mask token; None takes it from the shards' tokenizer."""
+    """Real vocabulary including the mask token; None takes it from the shards' tokenizer."""
+    vocab_multiple: int = 64
+    """Embedding and output rows are padded to a multiple of this (the same on every layout, so
+    checkpoints reshard; tensor parallelism splits them evenly). Padding rows are never predicted."""
     seq_len: int | None = None
     """Sequence length; None takes it from the shards' manifest."""
 
@@ -414,6 +417,11 @@ def _describe(kind: Any) -> str:
 # Cross-field validation, before any process group exists
 
 
+def padded_vocab_size(cfg: ModelConfig, vocab_size: int) -> int:
+    """Rows of the embedding and output layer: vocab_size rounded up to model.vocab_multiple."""
+    return -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+
+
 def resolve_dp(cfg: RunConfig, world_size: int) -> int:
     """Data-parallel size for a world of `world_size` processes (after `validate`)."""
     p = cfg.parallel
@@ -442,6 +450,10 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
          "model.d_model / model.n_heads must be even for rotary embeddings; change n_heads or d_model")
     need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     need(m.vocab_size is None or m.vocab_size > 1, "model.vocab_size must be at least 2 (or null: from the tokenizer)")
+    need(m.vocab_multiple >= 1, "model.vocab_multiple must be >= 1")
+    need(p.tp < 1 or m.vocab_multiple % p.tp == 0,
+         f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tp={p.tp}; make it a multiple of tp "
+         "so the padded vocabulary splits evenly")
     need(m.seq_len is None or m.seq_len > 0, "model.seq_len must be positive (or null: from the shards)")
 
     need(0.0 < d.schedule_eps < 1.0, f"diffusion.schedule_eps={d.schedule_eps} must be in (0, 1)")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel.rng import STREAM_CORRECTOR_SAMPLE, STREAM_MASK, STREAM_T, keyed_gumbel, keyed_uniform
+from parallel.tensor import add_vocab_bias, local_scores, vocab_argmax, vocab_cross_entropy, vocab_index, with_local
 from pretrain.config import DiffusionConfig
 
 NEG_INF = -1e6  # the official code's "minus infinity" for the mask logit (finite: no NaN in softmax)
@@ -75,11 +76,12 @@ def mask_tokens(x0: torch.Tensor, move_chance: torch.Tensor, mask_id: int, seed:
 
 
 def suppress_logits(logits: torch.Tensor, mask_id: int, vocab_size: int) -> torch.Tensor:
-    """The mask token (and any padding rows added for tensor parallelism) can never be predicted."""
-    bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    """The mask token and the padding rows past the real vocabulary can never be predicted.
+    Works on a vocabulary-sharded DTensor too (tensor parallelism)."""
+    bias = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
     bias[mask_id] = NEG_INF
     bias[vocab_size:] = NEG_INF
-    return logits + bias
+    return add_vocab_bias(logits, bias)
 
 
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, vocab_size: int) -> torch.Tensor:
@@ -124,19 +126,21 @@ def corrector_input(scores: torch.Tensor, noised: Noised, cfg: DiffusionConfig, 
     with torch.no_grad():
         scores = scores.detach()
         if cfg.corrector_prior == "sample":
-            token_index = torch.arange(scores.shape[1], device=scores.device)
-            vocab_index = torch.arange(scores.shape[2], device=scores.device)
-            scores = torch.log_softmax(scores, -1) + keyed_gumbel(
-                seed, STREAM_CORRECTOR_SAMPLE, positions[:, None, None], token_index[None, :, None], vocab_index)
-        prediction = scores.argmax(dim=-1)
+            # Gumbel-max keyed by the global vocabulary id: the same draw on any tensor-parallel split.
+            token_index = torch.arange(scores.shape[1], device=noised.x0.device)
+            noise = keyed_gumbel(seed, STREAM_CORRECTOR_SAMPLE, positions[:, None, None], token_index[None, :, None],
+                                 vocab_index(scores))
+            scores = with_local(scores, local_scores(scores) + noise)
+        prediction = vocab_argmax(scores)
         if cfg.corrector_input == "masked":
             prediction = torch.where(noised.zt == mask_id, prediction, noised.x0)
         return prediction
 
 
 def token_nll(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-log softmax(scores)[target] per token, [B, L] in fp32 (scores: mask-suppressed logits)."""
-    return F.cross_entropy(scores.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+    """-log softmax(scores)[target] per token, [B, L] in fp32 (scores: mask-suppressed logits;
+    loss-parallel when they are sharded over the vocabulary)."""
+    return vocab_cross_entropy(scores, target)
 
 
 @dataclass
@@ -182,7 +186,7 @@ def proseco_losses(scores_zt: torch.Tensor, scores_y: torch.Tensor | None, y: to
     corrector = weight * per_token * noised.token_mask
     total = cfg.mdlm_loss_weight * mdlm + cfg.corrector_loss_weight * corrector
     with torch.no_grad():
-        output_wrong = scores_y.detach().argmax(-1) != noised.x0
+        output_wrong = vocab_argmax(scores_y.detach()) != noised.x0
     return Losses(total=total, mdlm=mdlm, corrector=corrector,
                   corrector_input_errors=wrong_input.float() * noised.token_mask,
                   corrector_output_errors=output_wrong.float() * noised.token_mask)

@@ -15,6 +15,7 @@ own, keep the same parameter names as the full model.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -135,16 +136,19 @@ class DiTBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
 
+    def _heads(self, projected: torch.Tensor) -> torch.Tensor:
+        """[B, L, H*hd] -> [B, L, H, hd]. Shapes come from the projection itself: under tensor
+        parallelism it holds this rank's heads only, under sequence parallelism the whole sequence
+        while x holds a slice of it."""
+        return projected.view(*projected.shape[:2], -1, self.head_dim)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-        batch, seq_len = x.shape[:2]
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        # -1 heads: under tensor parallelism each rank holds only its share of the heads.
-        q = apply_rotary(self.attn_q(h).view(batch, seq_len, -1, self.head_dim), *rope)
-        k = apply_rotary(self.attn_k(h).view(batch, seq_len, -1, self.head_dim), *rope)
-        v = self.attn_v(h).view(batch, seq_len, -1, self.head_dim)
-        attn = attention(q, k, v, self.attention_backend).reshape(batch, seq_len, -1)
-        x = x + gate_msa * self.dropout(self.attn_out(attn))
+        q = apply_rotary(self._heads(self.attn_q(h)), *rope)
+        k = apply_rotary(self._heads(self.attn_k(h)), *rope)
+        attn = attention(q, k, self._heads(self.attn_v(h)), self.attention_backend)
+        x = x + gate_msa * self.dropout(self.attn_out(attn.flatten(2)))
         return x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
@@ -163,15 +167,20 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """tokens [B, L] (+ sigma [B]) -> logits [B, L, vocab_size] (raw: no mask suppression, no SUBS)."""
 
-    def __init__(self, cfg: ModelConfig, shape: ModelShape):
+    def __init__(self, cfg: ModelConfig, shape: ModelShape, device: torch.device | str | None = None):
         super().__init__()
         self.cfg, self.shape = cfg, shape
+        with torch.device(device) if device is not None else nullcontext():
+            self._build(cfg, shape)
+
+    def _build(self, cfg: ModelConfig, shape: ModelShape) -> None:
         self.vocab_embed = nn.Embedding(shape.vocab_size, cfg.d_model)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.rotary_emb = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base)
         self.blocks = nn.ModuleDict({str(i): DiTBlock(cfg) for i in range(cfg.n_layers)})
         self.output_layer = FinalLayer(cfg, shape.vocab_size)
-        self.init_weights()
+        if self.vocab_embed.weight.device.type != "meta":
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

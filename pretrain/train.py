@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.data_parallel import clip_gradients, parallelize, set_gradient_sync
 from parallel.env import DistEnv, detect_launch, init_distributed, shutdown
+from parallel.mesh import Layout, build_mesh, dp_group
 from parallel.rng import seed_dropout
 from pretrain.checkpoint import Checkpointer, CheckpointError, app_state, latest_checkpoint, load_app_state
-from pretrain.config import RunConfig, grad_accum_steps, resolve_dp, save_config, to_dict, validate
+from pretrain.config import RunConfig, grad_accum_steps, padded_vocab_size, save_config, to_dict, validate
 from pretrain.data import TrainLoader, eval_batches, open_shards
 from pretrain.evaluate import sample_report, validation_metrics
 from pretrain.metrics import MetricsLogger, Throughput, plot_losses
@@ -109,12 +111,14 @@ class Trainer:
         self.manifest, self.tokenizer = open_shards(cfg.data.shards)
         self.tokenizer_dir = Path(cfg.data.shards) / "tokenizer"
         self.cfg = cfg = resolve_model_shape(cfg, self.tokenizer.vocab_size, self.manifest.seq_len)
-        self.dp_size = resolve_dp(cfg, env.world_size)
-        self.dp_rank = env.rank // (cfg.parallel.tp * cfg.parallel.pp)
+        self.layout = Layout.of(cfg, env.rank, env.world_size)
+        self.mesh = build_mesh(self.layout, env.device)
+        self.dp_size, self.dp_rank = self.layout.dp, self.layout.dp_rank
         self.accum = grad_accum_steps(cfg, env.world_size)
-        self.shape = ModelShape(vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model: nn.Module = DiT(cfg.model, self.shape).to(env.device)
+        self.shape = ModelShape(vocab_size=padded_vocab_size(cfg.model, cfg.model.vocab_size), seq_len=cfg.model.seq_len)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank, then split
+        self.model: nn.Module = parallelize(DiT(cfg.model, self.shape).to(env.device), self.layout, self.mesh,
+                                            cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.objective = Objective.build(cfg.diffusion, mask_id=self.tokenizer.mask_id,
@@ -190,9 +194,10 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self._resume()
         self.logger = MetricsLogger(cfg, self.run_dir, self.env.is_main, cfg.train.max_steps, self.state.step)
-        self._log_main(f"model: {count_parameters(self.model):,} parameters, vocab {self.shape.vocab_size}, "
-                       f"seq_len {self.shape.seq_len}; {self.dp_size} data-parallel x {self.accum} micro-batches "
-                       f"of {cfg.data.micro_batch_size}; step mode {cfg.train.step_mode}")
+        self._log_main(f"model: {count_parameters(DiT(cfg.model, self.shape, device='meta')):,} parameters, vocab "
+                       f"{self.tokenizer.vocab_size} ({self.shape.vocab_size} rows), seq_len {self.shape.seq_len}; "
+                       f"{self.layout.describe()}, {self.accum} micro-batches of {cfg.data.micro_batch_size} per rank; "
+                       f"step mode {cfg.train.step_mode}")
         preemption = PreemptionFlag()
         batches = iter(self.loader)
         throughput = Throughput()
@@ -232,24 +237,9 @@ class Trainer:
 
     def _train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over this rank's micro-batches; returns its metrics."""
-        cfg, device = self.cfg, self.env.device
-        step = self.state.step
-        self.model.train()
-        seed_dropout(cfg.train.seed, step, self.env.rank)
+        cfg, step = self.cfg, self.state.step
         set_lr(self.optimizer, cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.max_steps))
-        batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in micro_batches]
-        # Normalise by the token count of the whole global batch (all ranks, all micro-batches), so
-        # the loss does not depend on how the batch is split (the official reduction, made global).
-        n_tokens = self._all_reduce(sum(b["valid"].sum() for b in batches).float() * self.shape.seq_len)
-        n_tokens = n_tokens.clamp(min=1.0)
-        sums = torch.zeros(5, device=device)  # total, mdlm, corrector, input errors, output errors
-        for batch in batches:
-            losses = compute_losses(self.model, batch, self.objective, step, cfg.train.step_mode, True, self.autocast)
-            (losses.total.sum() / n_tokens).backward()
-            sums += torch.stack([t.detach().sum() for t in (losses.total, losses.mdlm, losses.corrector,
-                                                            losses.corrector_input_errors,
-                                                            losses.corrector_output_errors)])
-        sums = self._all_reduce(sums) / n_tokens
+        sums = self.forward_backward(micro_batches)
         grad_norm = self._clip_gradients()
         record = {"loss": sums[0].item(), "mdlm_nelbo": sums[1].item(), "corrector_nll": sums[2].item(),
                   "corrector_input_error": sums[3].item(), "corrector_output_error": sums[4].item(),
@@ -264,12 +254,34 @@ class Trainer:
             self.ema.update(self.model)
         return record
 
+    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Gradients of the step's loss, accumulated over this rank's micro-batches and reduced
+        over data-parallel ranks. Returns the global (loss, mdlm, corrector, input errors, output
+        errors), each per token of the global batch."""
+        cfg, device, step = self.cfg, self.env.device, self.state.step
+        self.model.train()
+        # Dropout: the same mask on tensor-parallel ranks holding replicated activations, different
+        # masks where they hold different slices (sequence parallelism) or different data.
+        sp_rank = self.layout.tp_rank if cfg.parallel.sequence_parallel else 0
+        seed_dropout(cfg.train.seed, step, self.layout.dp_rank * self.layout.tp + sp_rank)
+        batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in micro_batches]
+        # Normalise by the token count of the whole global batch (all ranks, all micro-batches), so
+        # the loss does not depend on how the batch is split (the official reduction, made global).
+        n_tokens = self._all_reduce(sum(b["valid"].sum() for b in batches).float() * self.shape.seq_len)
+        n_tokens = n_tokens.clamp(min=1.0)
+        sums = torch.zeros(5, device=device)
+        for index, batch in enumerate(batches):
+            set_gradient_sync(self.model, index == len(batches) - 1)  # one reduction per step
+            losses = compute_losses(self.model, batch, self.objective, step, cfg.train.step_mode, True, self.autocast)
+            # Data parallelism averages gradients over dp ranks; x dp makes them global sums.
+            (losses.total.sum() * self.dp_size / n_tokens).backward()
+            sums += torch.stack([t.detach().sum() for t in (losses.total, losses.mdlm, losses.corrector,
+                                                            losses.corrector_input_errors,
+                                                            losses.corrector_output_errors)])
+        return self._all_reduce(sums) / n_tokens
+
     def _clip_gradients(self) -> float:
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+        return clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip)
 
     def _handle_nonfinite(self, step: int, record: dict) -> None:
         what = "loss" if not math.isfinite(record["loss"]) else "gradient norm"
@@ -286,9 +298,10 @@ class Trainer:
                                  "stopping (train.max_skipped_steps)")
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if dist.is_initialized() and self.dp_size > 1:
+        """Sum over the data-parallel ranks (tensor/pipeline ranks hold the same numbers)."""
+        if self.dp_size > 1:
             tensor = tensor.clone()
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, group=dp_group(self.mesh))
         return tensor
 
     def _report_samples(self) -> None:

@@ -56,6 +56,7 @@ def test_official_parameter_layout():
     owt = ModelConfig(d_model=768, n_layers=12, n_heads=12, cond_dim=128)
     with torch.device("meta"):
         big = DiT(owt, ModelShape(vocab_size=50258, seq_len=1024))
+    assert count_parameters(DiT(owt, ModelShape(vocab_size=50258, seq_len=1024), device="meta")) == 169_627_218
     assert count_parameters(big) == 169_627_218
 
 

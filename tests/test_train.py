@@ -2,7 +2,6 @@
 checkpoints, bad input, sampling from a checkpoint."""
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -15,27 +14,13 @@ from pretrain.cli import main as cli_main
 from pretrain.config import load_config
 from pretrain.metrics import read_metrics
 from pretrain.train import NonFiniteError, train
+from tests.helpers import make_word_shards
 from tokenizer.errors import UserError
-from tokenizer.shard import shard_corpus
-from tokenizer.train import train_tokenizer
-
-WORDS = "the a king queen sword crown night day love war speaks runs falls sleeps red old young".split()
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    """A small corpus of word salad with some structure, char-tokenized and packed to 32 tokens."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    docs = root / "docs"
-    docs.mkdir()
-    for i in range(120):
-        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-        (docs / f"{i:03d}.txt").write_text(sentence + ".")
-    train_tokenizer(str(docs), "char", root / "tok")
-    shard_corpus(str(docs), root / "tok", seq_len=32, out=root / "shards", packing="pack", samples_per_shard=40, workers=1,
-                 val_fraction=0.1)
-    return root / "shards"
+    return make_word_shards(tmp_path_factory.mktemp("corpus"))
 
 
 def tiny_config(shards: Path, run_dir: Path, *overrides: str):

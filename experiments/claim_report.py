@@ -1,0 +1,137 @@
+"""The claim's comparisons from a finished experiment (experiments/run_claim.sh report).
+
+    python -m experiments.claim_report --corpus moses --runs runs/claim --out runs/claim/claim-moses.md
+
+Reads runs/claim/{CORPUS}-mdlm and -proseco (config, metrics, wall time), their validation metrics
+(eval-NAME.json) and the merged sweep (sweep-CORPUS/sweep.csv), and writes:
+
+- the training cost of each run: parameters, steps, tokens, wall time, FLOPs (the trainer's own
+  accounting: 3 forward-equivalents per sequence for MDLM, 6 for ProSeCo's reuse step);
+- the speed-up claim: the MDLM model's best quality with its own plain sampler (S = 0), and the
+  fewest mean NFEs at which any ProSeCo setting matches it;
+- the equal-NFE claim: every ProSeCo row against the MDLM S = 0 curve interpolated (in log NFE) at
+  the same NFE, with uniqueness and novelty (or entropy and repetition) next to the main metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pretrain.config import load_config_dict
+from pretrain.metrics import read_metrics
+from pretrain.model import ModelShape, forward_flops_per_sequence
+from pretrain.sweep import read_rows
+
+# The headline metric per corpus and whether larger is better; the guards are printed beside it.
+HEADLINE = {"moses": ("validity", True, ("uniqueness", "novelty", "vun")),
+            "shakespeare": ("trigram_perplexity", False, ("trigram_oov_rate", "unigram_entropy", "distinct_2",
+                                                          "repetition_rate"))}
+
+
+def training_cost(run_dir: Path) -> dict:
+    """Parameters-free cost summary of one run from its resolved config and metrics."""
+    cfg = load_config_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    shape = ModelShape(vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
+    forward = forward_flops_per_sequence(cfg.model, shape)
+    per_step = (6 if cfg.diffusion.corrector_training else 3) * forward * cfg.data.global_batch_size
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    steps = train[-1]["step"] if train else 0
+    seconds_file = run_dir.parent / f"{run_dir.name}.seconds"
+    seconds = sum(int(x) for x in seconds_file.read_text().split()) if seconds_file.is_file() else math.nan
+    return {"run": run_dir.name, "objective": "ProSeCo" if cfg.diffusion.corrector_training else "MDLM",
+            "steps": steps, "tokens": train[-1]["tokens_seen"] if train else 0, "wall_minutes": seconds / 60,
+            "pflops": per_step * steps / 1e15, "final_train_nelbo": train[-1]["mdlm_nelbo"] if train else math.nan,
+            "final_val_nelbo": val[-1]["mdlm_nelbo"] if val else math.nan}
+
+
+def interpolate(curve: list[dict], metric: str, nfe: float) -> float:
+    """The curve's metric at `nfe`, linear in log2 NFE between its points; nan outside its range."""
+    xs = np.log2([r["nfe_total"] for r in curve])
+    ys = np.array([r.get(metric, math.nan) for r in curve], dtype=float)
+    x = math.log2(nfe)
+    if x < xs.min() - 1e-9 or x > xs.max() + 1e-9:
+        return math.nan
+    return float(np.interp(x, xs, ys))
+
+
+def _f(value, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def report(corpus: str, runs: Path) -> str:
+    metric, higher, guards = HEADLINE[corpus]
+    better = (lambda a, b: a >= b) if higher else (lambda a, b: a <= b)
+    mdlm_name, proseco_name = f"{corpus}-mdlm", f"{corpus}-proseco"
+    lines = [f"# Claim check: {corpus}", "", "## Training", "",
+             "| run | objective | steps | tokens | wall min | PFLOPs | val NELBO (train log) | val NELBO (eval) | "
+             "corrector loss | corrector output error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in (mdlm_name, proseco_name):
+        cost = training_cost(runs / name)
+        ev_path = runs / f"eval-{name}.json"
+        ev = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
+        lines.append(f"| {name} | {cost['objective']} | {cost['steps']} | {cost['tokens']:,} | "
+                     f"{_f(cost['wall_minutes'], 1)} | {_f(cost['pflops'], 2)} | {_f(cost['final_val_nelbo'])} | "
+                     f"{_f(ev.get('mdlm_nelbo', math.nan))} | {_f(ev.get('corrector_nll', math.nan))} | "
+                     f"{_f(ev.get('corrector_output_error', math.nan))} |")
+    rows = read_rows(runs / f"sweep-{corpus}" / "sweep.csv")
+    baseline = sorted((r for r in rows if r["model"] == mdlm_name and r["corrector_steps"] == 0),
+                      key=lambda r: r["nfe_total"])
+    proseco = [r for r in rows if r["model"] == proseco_name]
+    valid = [r for r in baseline if not math.isnan(r.get(metric, math.nan))]
+    best = (max if higher else min)(valid, key=lambda r: r[metric])
+    lines += ["", "## Fewer NFEs for the baseline's best quality", "",
+              f"MDLM model, plain sampling (S = 0): best {metric} {_f(best[metric])} at T = {best['steps']} "
+              f"(mean NFE {_f(best['nfe_total'], 1)}).", ""]
+    matching = sorted((r for r in proseco if better(r.get(metric, math.nan), best[metric])),
+                      key=lambda r: r["nfe_total"])
+    if matching:
+        first = matching[0]
+        lines.append(f"Fewest NFEs at which a ProSeCo setting matches it: {_f(first['nfe_total'], 1)} "
+                     f"(T = {first['steps']}, S = {first['corrector_steps']}, omega = {first['corrector_every']}; "
+                     f"{metric} {_f(first[metric])}), i.e. {best['nfe_total'] / first['nfe_total']:.2f}x fewer NFEs.")
+    else:
+        lines.append("No ProSeCo setting in the grid matches it.")
+    lines += ["", "## ProSeCo against the MDLM curve at equal NFE", "",
+              f"Each ProSeCo row against the MDLM model's S = 0 curve interpolated in log NFE ({metric}; "
+              "nan where the NFE lies outside the curve's range).", "",
+              f"| T | S | omega | NFE | ProSeCo {metric} | MDLM {metric} at equal NFE | "
+              + " | ".join(f"ProSeCo {g} | MDLM {g}" for g in guards) + " |",
+              "|" + "---|" * (6 + 2 * len(guards))]
+    wins = comparable = 0
+    for r in sorted(proseco, key=lambda r: (r["corrector_steps"], r["corrector_every"], r["steps"])):
+        reference = interpolate(baseline, metric, r["nfe_total"])
+        if not math.isnan(reference):
+            comparable += 1
+            wins += better(r[metric], reference) and r[metric] != reference
+        guard_cells = " | ".join(f"{_f(r.get(g, math.nan))} | {_f(interpolate(baseline, g, r['nfe_total']))}"
+                                 for g in guards)
+        lines.append(f"| {r['steps']} | {r['corrector_steps']} | {r['corrector_every']} | {_f(r['nfe_total'], 1)} | "
+                     f"{_f(r[metric])} | {_f(reference)} | {guard_cells} |")
+    lines += ["", f"ProSeCo rows strictly better than MDLM at equal NFE: {wins} of {comparable} comparable rows."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True, choices=sorted(HEADLINE))
+    parser.add_argument("--runs", default="runs/claim", help="folder holding the runs, evals and sweeps")
+    parser.add_argument("--out", help="write the markdown here too")
+    args = parser.parse_args()
+    text = report(args.corpus, Path(args.runs))
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

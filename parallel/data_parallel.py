@@ -1,0 +1,114 @@
+"""Data parallelism (FSDP2, sharded or replicated), activation checkpointing, and the gradient
+arithmetic that must agree across layouts (global norm, clipping, accumulation).
+
+`parallelize()` is the one entry point the trainer uses: tensor parallelism first, then
+activation checkpointing, then FSDP2 over the data-parallel mesh dimensions (torchtitan's order).
+`parallel.data_parallel` picks the FSDP2 mesh: `fsdp` shards parameters, gradients and optimizer
+state over all data-parallel ranks (ZeRO-3; `fsdp_no_reshard` keeps parameters gathered between
+forward and backward, ZeRO-2-like); `ddp` replicates them and all-reduces gradients (FSDP2 on a
+shard group of one). Either way FSDP2 computes the mean of the gradients over data-parallel ranks;
+the trainer multiplies the loss by dp so that gradients are sums divided by the global token count.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+from parallel.mesh import DP_DIMS, Layout
+from parallel.tensor import apply_tensor_parallel
+from pretrain.config import ParallelConfig
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward. The block's forward is wrapped in place,
+    so parameter names (and checkpoints) do not change."""
+    for block in model.blocks.values():
+        inner = block.forward
+
+        def forward(self, *args, _inner=inner):
+            return checkpoint(_inner, *args, use_reentrant=False)
+
+        block.forward = types.MethodType(forward, block)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig) -> None:
+    dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else None
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    reshard = cfg.data_parallel == "fsdp"
+    dp_mesh = mesh[DP_DIMS]
+    for block in model.blocks.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+
+
+def parallelize(model: nn.Module, layout: Layout, mesh: DeviceMesh | None, cfg: ParallelConfig) -> nn.Module:
+    """Apply tp -> activation checkpointing -> data parallelism to `model` in place."""
+    if layout.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], cfg.sequence_parallel)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if layout.dp > 1:
+        apply_fsdp(model, mesh, cfg)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip the data-parallel gradient reduction on all but the last micro-batch of a step."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient norm over any mix of plain tensors and DTensors
+
+
+def _shard_groups(grad: DTensor) -> tuple:
+    """The process groups over which this gradient is split (its local squares must be summed)."""
+    mesh = grad.device_mesh
+    return tuple(mesh.get_group(i) for i, placement in enumerate(grad.placements) if placement.is_shard())
+
+
+@torch.no_grad()
+def global_grad_norm(parameters) -> torch.Tensor:
+    """The 2-norm of all gradients of the whole model, identical on every rank.
+
+    A sharded DTensor gradient contributes the sum of its shards' squares (reduced over the mesh
+    dimensions it is split on); a replicated one, and a plain tensor, count once.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    by_groups: dict[tuple, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
+    for grad in grads:
+        if isinstance(grad, DTensor):
+            by_groups[_shard_groups(grad)] += grad.to_local().double().square().sum()
+        else:
+            total += grad.double().square().sum()
+    for groups, squares in by_groups.items():
+        for group in groups:
+            dist.all_reduce(squares, group=group)
+        total += squares
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_gradients(parameters, max_norm: float) -> float:
+    """Scale all gradients so that their global norm is at most max_norm; returns the norm before."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = global_grad_norm(parameters)
+    if max_norm > 0 and torch.isfinite(norm):
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in parameters:
+            p.grad.mul_(scale.to(p.grad.dtype))
+    return float(norm)

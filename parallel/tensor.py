@@ -1,0 +1,174 @@
+"""Tensor (and sequence) parallelism for the DiT, applied from outside with DTensor plans,
+and the vocabulary-parallel pieces of the objective.
+
+The plan, per block: q/k/v and the first MLP layer column-wise (each rank holds whole heads and a
+slice of the MLP), the attention output and second MLP layer row-wise (one all-reduce each), the
+adaLN modulation column-wise with a gathered output. The input embedding is vocabulary-parallel
+and the output layer column-wise over the (padded) vocabulary, its logits left sharded for
+loss-parallel cross entropy and an exact vocabulary-parallel argmax.
+
+With sequence parallelism the residual stream, the norms and the dropouts are split along the
+sequence: row-wise layers reduce-scatter instead of all-reduce and column-wise layers all-gather
+their input. The modulation vectors (shift/scale/gate) then meet only a slice of the sequence, so
+their gradient is a partial sum per rank: a hook all-reduces it over the tensor-parallel group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+
+
+class _AllReduceGradient(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over `group` (Megatron's copy-to-region)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _sum_gradient_hook(group):
+    def hook(module, inputs, output):
+        return _AllReduceGradient.apply(output, group)
+
+    return hook
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+    """Shard `model` (a DiT) over `tp_mesh` in place. Parameter names do not change."""
+    stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
+    parallelize_module(model.vocab_embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=stream))
+    group = tp_mesh.get_group()
+    for block in model.blocks.values():
+        plan = {
+            "attn_q": ColwiseParallel(input_layouts=stream),
+            "attn_k": ColwiseParallel(input_layouts=stream),
+            "attn_v": ColwiseParallel(input_layouts=stream),
+            "attn_out": RowwiseParallel(output_layouts=stream),
+            "mlp.0": ColwiseParallel(input_layouts=stream),
+            "mlp.2": RowwiseParallel(output_layouts=stream),
+            "adaLN_modulation": ColwiseParallel(output_layouts=Replicate()),
+        }
+        if sequence_parallel:
+            plan["norm1"] = SequenceParallel(use_local_output=True)
+            plan["norm2"] = SequenceParallel(use_local_output=True)
+        parallelize_module(block, tp_mesh, plan)
+        if sequence_parallel:
+            block.adaLN_modulation.register_forward_hook(_sum_gradient_hook(group))
+    head = {"adaLN_modulation": ColwiseParallel(output_layouts=Replicate()),
+            "linear": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)}
+    if sequence_parallel:
+        head["norm_final"] = SequenceParallel(use_local_output=True)
+    parallelize_module(model.output_layer, tp_mesh, head)
+    if sequence_parallel:
+        model.output_layer.adaLN_modulation.register_forward_hook(_sum_gradient_hook(group))
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary-parallel operations: each works on a plain tensor too (one process, or tp = 1).
+
+
+def _vocab_shard(scores: DTensor) -> tuple[torch.Tensor, int, DeviceMesh]:
+    """This rank's slice of the vocabulary, its first global index, and the tensor-parallel mesh."""
+    if len(scores.placements) != 1 or scores.placements[0] != Shard(scores.ndim - 1):
+        raise ValueError(f"expected logits sharded on the vocabulary, got {scores.placements}")
+    local = scores.to_local()
+    mesh = scores.device_mesh
+    offset = mesh.get_local_rank() * local.shape[-1]  # even split: the vocabulary is padded to a multiple of tp
+    return local, offset, mesh
+
+
+def add_vocab_bias(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """scores + bias[V] along the (possibly sharded) vocabulary dimension."""
+    if not isinstance(scores, DTensor):
+        return scores + bias.to(scores.dtype)
+    local, offset, mesh = _vocab_shard(scores)
+    shifted = local + bias[offset: offset + local.shape[-1]].to(local.dtype)
+    return DTensor.from_local(shifted, mesh, scores.placements, run_check=False)
+
+
+def vocab_index(scores: torch.Tensor) -> torch.Tensor:
+    """Global vocabulary ids of this rank's columns of `scores`."""
+    if not isinstance(scores, DTensor):
+        return torch.arange(scores.shape[-1], device=scores.device)
+    local, offset, _ = _vocab_shard(scores)
+    return torch.arange(offset, offset + local.shape[-1], device=local.device)
+
+
+def local_scores(scores: torch.Tensor) -> torch.Tensor:
+    return scores.to_local() if isinstance(scores, DTensor) else scores
+
+
+def with_local(scores: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`local` (this rank's columns, changed) wrapped like `scores` again."""
+    if not isinstance(scores, DTensor):
+        return local
+    return DTensor.from_local(local, scores.device_mesh, scores.placements, run_check=False)
+
+
+@torch.no_grad()
+def vocab_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary, exact over a sharded vocabulary (ties: the lowest id, as torch)."""
+    if not isinstance(scores, DTensor):
+        return scores.argmax(-1)
+    local, offset, mesh = _vocab_shard(scores)
+    best, index = local.max(-1)
+    group = mesh.get_group()
+    size = dist.get_world_size(group)
+    all_best = [torch.empty_like(best) for _ in range(size)]
+    all_index = [torch.empty_like(index) for _ in range(size)]
+    dist.all_gather(all_best, best.contiguous(), group=group)
+    dist.all_gather(all_index, (index + offset).contiguous(), group=group)
+    # Ranks hold increasing id ranges, so the first rank with the maximum holds the lowest id.
+    winner = torch.stack(all_best).argmax(0, keepdim=True)
+    return torch.stack(all_index).gather(0, winner)[0]
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """-log softmax(logits)[target] with the vocabulary split over `group`: three all-reduces of
+    [N] vectors (max, sum of exponentials, target logit); the logits are never gathered."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, target: torch.Tensor, offset: int, group) -> torch.Tensor:
+        local = local.float()
+        top = local.max(-1).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        shifted = local - top[:, None]
+        exp = shifted.exp()
+        total = exp.sum(-1)
+        dist.all_reduce(total, group=group)
+        owned = (target >= offset) & (target < offset + local.shape[-1])
+        column = (target - offset).clamp(0, local.shape[-1] - 1)
+        picked = shifted.gather(-1, column[:, None])[:, 0] * owned
+        dist.all_reduce(picked, group=group)
+        ctx.save_for_backward(exp / total[:, None], owned, column)
+        return total.log() - picked
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        softmax, owned, column = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        grad_logits.scatter_add_(-1, column[:, None], -owned[:, None].to(softmax.dtype))
+        return grad_logits * grad[:, None], None, None, None
+
+
+def vocab_cross_entropy(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log softmax(scores)[target] per position, fp32, as a plain tensor shaped like target.
+    Over a sharded vocabulary this is loss-parallel: the logits are never gathered."""
+    if not isinstance(scores, DTensor):
+        return F.cross_entropy(scores.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
+    local, offset, mesh = _vocab_shard(scores)
+    nll = _VocabParallelCrossEntropy.apply(local.flatten(0, -2), target.flatten(), offset, mesh.get_group())
+    return nll.view(target.shape)

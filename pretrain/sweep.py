@@ -1,0 +1,330 @@
+"""Sampling-budget sweeps: quality against NFE for checkpoints x steps x corrector settings.
+
+`proseco sweep` samples every (checkpoint, T, S, omega) point of a grid with the same seed (so
+rows differ only by the setting), scores the samples with the task's judge and writes
+`sweep.csv` (every number), `sweep.md` (the table) and `sweep.png` (quality against mean total
+NFE, one line per model x corrector setting). `proseco eval` reports the validation NELBO and
+corrector loss of one checkpoint, with optional sample quality.
+
+The functions are plain so that tests and experiment scripts can call them: `make_grid`,
+`run_grid`, `write_table`, `plot_sweep`, `read_rows`, `evaluate_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain.checkpoint import load_model, read_meta, resolve_checkpoint
+from pretrain.config import RunConfig, SamplingConfig
+from pretrain.diffusion import NoiseSchedule
+from pretrain.evaluate import default_judge, is_smiles_corpus, quality_of
+from pretrain.sampler import Sampler, SampleResult
+
+# Quality columns of the table and the plot, in order; the CSV keeps every metric.
+SMILES_COLUMNS = ("validity", "uniqueness", "novelty", "vun", "qed_mean")
+TEXT_COLUMNS = ("trigram_perplexity", "trigram_oov_rate", "unigram_entropy", "distinct_2", "repetition_rate")
+NFE_COLUMNS = ("nfe_denoiser", "nfe_corrector", "nfe_total")
+SETTING_COLUMNS = ("model", "steps", "corrector_steps", "corrector_every")
+# Read back from CSV as ints (everything else numeric is a float, text stays text).
+_INT_COLUMNS = {"steps", "corrector_steps", "corrector_every", "num_samples", "train_step", "n_samples", "n_valid",
+                "n_unique", "n_novel", "trigram_n_words", "trigram_n_oov", "trigram_n_sentence_ends"}
+_TEXT_COLUMNS = {"model", "checkpoint"}
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One sampler setting: T unmasking steps, S corrector iterations every omega steps."""
+
+    steps: int
+    corrector_steps: int
+    corrector_every: int
+
+
+def make_grid(steps: Sequence[int], corrector_steps: Sequence[int], corrector_every: Sequence[int]) -> list[GridPoint]:
+    """Every (T, S, omega) combination, ordered by S, omega, T. S=0 (plain MDLM sampling) ignores
+    omega, so it appears once per T (with omega 1) instead of once per omega."""
+    if not steps or not corrector_steps or not corrector_every:
+        raise ValueError("the grid needs at least one value of steps, corrector steps and corrector every")
+    if min(steps) < 1 or min(corrector_steps) < 0 or min(corrector_every) < 1:
+        raise ValueError("steps and corrector_every must be >= 1 and corrector_steps >= 0")
+    points: list[GridPoint] = []
+    for s in sorted(set(corrector_steps)):
+        for omega in ([1] if s == 0 else sorted(set(corrector_every))):
+            points += [GridPoint(t, s, omega) for t in sorted(set(steps))]
+    return points
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class Scorer:
+    """Turns one batch of sampled token ids into quality metrics for the run's kind of data."""
+
+    tokenizer: object
+    smiles: bool
+    training_set: set[str] | None = None  # canonical training SMILES, for novelty
+    judge: object | None = None           # TrigramJudge for text (None: no perplexity)
+
+    def texts(self, tokens: torch.Tensor) -> list[str]:
+        # A SMILES sample is one padded document (BOS ... EOS PAD...); text samples are decoded whole.
+        decode = self.tokenizer.decode_document if self.smiles else self.tokenizer.decode
+        return [decode(ids) for ids in tokens.tolist()]
+
+    def score(self, tokens: torch.Tensor) -> dict:
+        texts = self.texts(tokens)
+        metrics = quality_of(texts, tokens.tolist(), self.smiles, self.training_set, self.judge)
+        if self.smiles:
+            # Valid, unique and novel molecules per sample drawn (the paper's QM9 x-axis, normalised).
+            metrics["vun"] = metrics.get("n_novel", metrics["n_unique"]) / max(len(texts), 1)
+        metrics["masked_left"] = float((tokens == self.tokenizer.mask_id).float().mean())
+        return metrics
+
+
+def run_folder(checkpoint: str | Path) -> Path:
+    """The run folder of a checkpoint (runs/NAME for runs/NAME/checkpoints/step_X)."""
+    return resolve_checkpoint(checkpoint).parent.parent
+
+
+def training_documents(shards: str | Path) -> list[str]:
+    """Every document of the train split of a padded shard folder (one document per sample), decoded."""
+    from pretrain.data import open_shards, open_split
+    from tokenizer.format import ShardReader
+
+    manifest, tokenizer = open_shards(shards)
+    if manifest.packing != "pad":
+        raise ValueError(f"{shards} is packed: documents are cut across samples, so novelty needs --packing pad")
+    _, split = open_split(shards, "train")
+    documents: list[str] = []
+    for info, path, count in zip(split.infos, split.paths, split.counts):
+        tokens, ok = ShardReader(path, info, split.seq_len, split.dtype).read(0, count)
+        documents += [tokenizer.decode_document(row) for row, good in zip(tokens.tolist(), ok) if good]
+    return documents
+
+
+def build_scorer(cfg: RunConfig, tokenizer, run_dir: Path, shards: str | Path | None = None,
+                 novelty: bool = True, log: Callable[[str], None] = print) -> Scorer:
+    """SMILES metrics (novelty against the run's own training molecules, canonicalised once and
+    cached in run_dir/cache) for a SMILES corpus, text metrics with the trigram judge otherwise."""
+    from pretrain.data import open_shards
+    from pretrain.quality import canonical_set_cached
+
+    shards = Path(shards or cfg.data.shards)
+    manifest, _ = open_shards(shards)
+    if not is_smiles_corpus(manifest.corpus):
+        judge = default_judge()
+        if judge is None:
+            log("warning: pocketsphinx is not installed (pip install -e .[eval]): no trigram perplexity")
+        return Scorer(tokenizer, smiles=False, judge=judge)
+    training_set = None
+    if novelty:
+        started = time.perf_counter()
+        training_set = canonical_set_cached(training_documents(shards), run_dir / "cache")
+        log(f"training set: {len(training_set)} canonical molecules ({time.perf_counter() - started:.1f} s)")
+    return Scorer(tokenizer, smiles=True, training_set=training_set)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+
+def make_sampler(model: torch.nn.Module, cfg: RunConfig, tokenizer, sampling: SamplingConfig,
+                 device: torch.device) -> Sampler:
+    return Sampler(model, sampling, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                   seq_len=cfg.model.seq_len, schedule=NoiseSchedule(cfg.diffusion),
+                   time_conditioning=cfg.model.time_conditioning, device=device)
+
+
+def nfe_summary(result: SampleResult) -> dict[str, float]:
+    """Mean forwards per sample: denoiser, corrector and their sum."""
+    return {"nfe_denoiser": result.nfe_denoiser.float().mean().item(),
+            "nfe_corrector": result.nfe_corrector.float().mean().item(),
+            "nfe_total": result.nfe_total.float().mean().item()}
+
+
+def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: int, *, batch_size: int | None = None,
+             seed: int = 0, label: str | None = None, device: str | torch.device = "cpu",
+             sampling_overrides: dict | None = None, shards: str | Path | None = None, novelty: bool = True,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Sample and score every grid point with one checkpoint (EMA weights); one row per point.
+
+    Every point uses the same seed, so differences between rows come from the setting, not from
+    different random draws. The row holds the setting, the mean NFEs, the wall time and every
+    quality metric.
+    """
+    device = torch.device(device)
+    path = resolve_checkpoint(checkpoint)
+    model, cfg, tokenizer = load_model(path, device)
+    label = label or cfg.name
+    scorer = build_scorer(cfg, tokenizer, run_folder(path), shards, novelty, log)
+    train_step = int(read_meta(path)["step"])
+    rows = []
+    for point in points:
+        sampling = dataclasses.replace(cfg.sampling, **(sampling_overrides or {}), steps=point.steps,
+                                       corrector_steps=point.corrector_steps, corrector_every=point.corrector_every,
+                                       num_samples=num_samples, batch_size=batch_size or num_samples, seed=seed)
+        started = time.perf_counter()
+        result = make_sampler(model, cfg, tokenizer, sampling, device).sample(num_samples)
+        seconds = time.perf_counter() - started
+        row = {"model": label, **dataclasses.asdict(point), "num_samples": num_samples, **nfe_summary(result),
+               "seconds": seconds, "checkpoint": str(path), "train_step": train_step, **scorer.score(result.tokens)}
+        rows.append(row)
+        log(f"{label} T={point.steps} S={point.corrector_steps} omega={point.corrector_every}: "
+            f"NFE {row['nfe_total']:.1f} ({row['nfe_denoiser']:.1f} + {row['nfe_corrector']:.1f}), "
+            + ", ".join(f"{c} {_fmt(row[c])}" for c in quality_columns(rows) if c in row) + f" [{seconds:.0f} s]")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and plots
+
+
+def quality_columns(rows: Sequence[dict]) -> list[str]:
+    """The table's quality columns for these rows (SMILES or text metrics, those present)."""
+    wanted = SMILES_COLUMNS if any("validity" in row for row in rows) else TEXT_COLUMNS
+    return [c for c in wanted if any(c in row for row in rows)]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """model, T, S, omega, mean NFE (denoiser, corrector, total) and the quality columns."""
+    headers = {"model": "model", "steps": "T", "corrector_steps": "S", "corrector_every": "omega",
+               "nfe_denoiser": "NFE den", "nfe_corrector": "NFE cor", "nfe_total": "NFE total"}
+    columns = [*SETTING_COLUMNS, *NFE_COLUMNS, *quality_columns(rows)]
+    lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: Sequence[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write out_dir/sweep.csv (every key of every row) and out_dir/sweep.md; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(csv_path)  # a partial CSV is never mistaken for a finished sweep
+    md_path.write_text(markdown_table(rows))
+    return csv_path, md_path
+
+
+def _parse(key: str, value: str):
+    if value == "":
+        return None
+    if key in _TEXT_COLUMNS:
+        return value
+    if key in _INT_COLUMNS:
+        return int(float(value))
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def read_rows(csv_path: str | Path) -> list[dict]:
+    """The rows of a sweep.csv, numbers as numbers (empty cells dropped)."""
+    with open(csv_path, newline="") as stream:
+        return [{k: v for k, v in ((k, _parse(k, v)) for k, v in row.items()) if v is not None}
+                for row in csv.DictReader(stream)]
+
+
+def plot_sweep(rows: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
+    """Each quality column against mean total NFE (log scale), one line per model x (S, omega)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = quality_columns(rows)
+    lines: dict[tuple, list[dict]] = {}
+    for row in rows:
+        lines.setdefault((row["model"], row["corrector_steps"], row["corrector_every"]), []).append(row)
+    models = sorted({key[0] for key in lines})
+    settings = sorted({key[1:] for key in lines})
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.8), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, column in zip(axes[0], columns):
+        for (model, s, omega), points in sorted(lines.items()):
+            points = sorted(points, key=lambda r: r["nfe_total"])
+            x = [p["nfe_total"] for p in points]
+            y = [p.get(column, float("nan")) for p in points]
+            style = ["-", "--", ":", "-."][models.index(model) % 4]
+            ax.plot(x, y, style, marker="o", markersize=3, color=cmap(settings.index((s, omega)) % 10),
+                    label=f"{model} S={s}" + (f" ω={omega}" if s else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("mean NFE per sample (denoiser + corrector)")
+        ax.set_title(column)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation metrics of one checkpoint
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", batches: int | None = None,
+                        shards: str | Path | None = None, device: str | torch.device = "cpu",
+                        corrector: bool = True) -> dict:
+    """Validation MDLM NELBO (t ~ U[sampling_eps_validation, 1], Monte-Carlo; exp bounds the
+    perplexity) and corrector loss/error rates of a checkpoint's EMA weights on a split.
+
+    With `corrector` the corrector pass is evaluated also for a model trained with the MDLM loss
+    alone: how well a plain MDLM model repairs its own argmax is the control the claim needs.
+    """
+    from pretrain.data import eval_batches
+    from pretrain.evaluate import validation_metrics
+    from pretrain.step import Objective
+
+    device = torch.device(device)
+    path = resolve_checkpoint(checkpoint)
+    model, cfg, tokenizer = load_model(path, device)
+    diffusion = dataclasses.replace(cfg.diffusion, corrector_training=True) if corrector else cfg.diffusion
+    objective = Objective.build(diffusion, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                                seed=cfg.train.seed, global_batch_size=cfg.data.global_batch_size)
+    loader = eval_batches(shards or cfg.data.shards, split, micro_batch_size=cfg.data.micro_batch_size,
+                          max_batches=batches, expected_tokenizer_sha256=tokenizer.sha256)
+    step = int(read_meta(path)["step"])
+    # load_model already holds the EMA weights, so no EMA is swapped in here.
+    metrics = validation_metrics(model, None, loader, objective, step, device, lambda t: t)
+    return {"model": cfg.name, "checkpoint": str(path), "train_step": step, "split": split,
+            "trained_with_corrector": cfg.diffusion.corrector_training, **metrics}
+
+
+def summary_markdown(metrics: dict) -> str:
+    """A two-column table of a flat metrics dict."""
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if isinstance(v, (int, float, str, np.floating))]
+    return "\n".join(lines) + "\n"

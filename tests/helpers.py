@@ -1,0 +1,40 @@
+"""Shared test fixtures: a tiny real corpus, tokenizer and shard folder; torchrun launches."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from tokenizer.shard import shard_corpus
+from tokenizer.train import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the a king queen sword crown night day love war speaks runs falls sleeps red old young".split()
+
+
+def make_word_shards(root: Path, seq_len: int = 32, documents: int = 120) -> Path:
+    """Word salad with some structure, char-tokenized and packed into `seq_len`-token samples."""
+    rng = random.Random(0)
+    docs = root / "docs"
+    docs.mkdir(parents=True)
+    for i in range(documents):
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
+        (docs / f"{i:03d}.txt").write_text(sentence + ".")
+    train_tokenizer(str(docs), "char", root / "tok")
+    shard_corpus(str(docs), root / "tok", seq_len=seq_len, out=root / "shards", packing="pack", samples_per_shard=40,
+                 workers=1, val_fraction=0.1)
+    return root / "shards"
+
+
+def torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun on CPU/gloo; fails the test with the workers' output on error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        raise AssertionError(f"torchrun {script} {args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result

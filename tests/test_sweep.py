@@ -1,0 +1,147 @@
+"""`proseco eval` and `proseco sweep` end to end on tiny real runs (a SMILES-like and a text corpus,
+char tokenizers, a few training steps), plus the grid and table helpers."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from pretrain.cli import main as cli_main
+from pretrain.config import load_config
+from pretrain.sweep import GridPoint, make_grid, markdown_table, read_rows
+from pretrain.train import train
+from tokenizer.shard import shard_corpus
+from tokenizer.train import train_tokenizer
+
+# Valid SMILES pieces; joined at random they give mostly valid molecules with a little structure.
+FRAGMENTS = ["C", "CC", "CCC", "O", "N", "C(=O)", "c1ccccc1", "C(C)", "CO", "CN", "Cl", "F"]
+WORDS = "the a king queen sword crown night day love war speaks runs falls sleeps red old young".split()
+
+
+def tiny_run(shards: Path, run_dir: Path, *overrides: str) -> Path:
+    cfg = load_config(None, [
+        f"data.shards={shards}", f"logging.run_dir={run_dir}", "model.d_model=32", "model.n_layers=2",
+        "model.n_heads=2", "model.cond_dim=16", "data.global_batch_size=8", "data.micro_batch_size=8",
+        "data.num_workers=0", "optim.warmup_steps=2", "optim.lr=3e-3", "train.eval_every=0", "train.eval_batches=1",
+        "checkpoint.every=0", "logging.progress=false", "sampling.num_samples=2", "sampling.batch_size=2",
+        "sampling.steps=2", "train.max_steps=4", *overrides])
+    train(cfg)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def smiles_run(tmp_path_factory) -> Path:
+    """A 4-step ProSeCo run on SMILES-like lines, one molecule per padded 24-token sample."""
+    root = tmp_path_factory.mktemp("smiles")
+    rng = random.Random(0)
+    corpus = root / "smiles.txt"  # "smiles" in the corpus name makes the run a SMILES run
+    corpus.write_text("\n".join("".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 3)))
+                                for _ in range(300)) + "\n")
+    train_tokenizer(str(corpus), "char", root / "tok", line_documents=True)
+    shard_corpus(str(corpus), root / "tok", seq_len=24, out=root / "shards", packing="pad", samples_per_shard=64,
+                 workers=1, val_fraction=0.1, line_documents=True)
+    return tiny_run(root / "shards", root / "run")
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory) -> Path:
+    """A 4-step MDLM-only run on word salad, packed into 32-character samples."""
+    root = tmp_path_factory.mktemp("text")
+    rng = random.Random(1)
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i:03d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + ".")
+    train_tokenizer(str(docs), "char", root / "tok")
+    shard_corpus(str(docs), root / "tok", seq_len=32, out=root / "shards", packing="pack", samples_per_shard=40,
+                 workers=1, val_fraction=0.1)
+    return tiny_run(root / "shards", root / "run", "diffusion.corrector_training=false", "name=text-mdlm")
+
+
+def test_make_grid_lists_s0_once_per_steps_and_rejects_bad_values():
+    grid = make_grid([8, 4], [2, 0], [1, 2])
+    assert grid == [GridPoint(4, 0, 1), GridPoint(8, 0, 1), GridPoint(4, 2, 1), GridPoint(8, 2, 1),
+                    GridPoint(4, 2, 2), GridPoint(8, 2, 2)]
+    with pytest.raises(ValueError):
+        make_grid([0], [0], [1])
+    with pytest.raises(ValueError):
+        make_grid([4], [], [1])
+
+
+def test_eval_reports_nelbo_corrector_loss_and_sample_quality(smiles_run, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert cli_main(["eval", "--checkpoint", str(smiles_run), "--batches", "2", "--samples", "8", "--steps", "4",
+                     "--corrector-steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["train_step"] == 4 and result["split"] == "val" and result["trained_with_corrector"]
+    assert 0 < result["mdlm_nelbo"] < 20
+    assert result["perplexity_bound"] == pytest.approx(math.exp(result["mdlm_nelbo"]))
+    assert math.isfinite(result["corrector_nll"]) and 0 <= result["corrector_output_error"] <= 1
+    assert result["tokens"] == 2 * 8 * 24  # 2 batches of 8 samples of 24 tokens (val holds ~30 samples)
+    samples = result["samples"]
+    assert samples["num_samples"] == samples["n_samples"] == 8
+    assert samples["nfe_total"] == pytest.approx(samples["nfe_denoiser"] + samples["nfe_corrector"])
+    assert 4 <= samples["nfe_corrector"] <= 2 * 4  # one loop per step, 1 to S forwards each
+    for key in ("validity", "uniqueness", "novelty", "qed_mean"):
+        assert key in samples
+    assert 0 <= samples["validity"] <= 1 and 0 <= samples["novelty"] <= 1
+    # The canonical training set is cached in the run folder for the next evaluation.
+    assert list((smiles_run / "cache").glob("canonical-smiles-*.txt.gz"))
+    table = capsys.readouterr().out
+    assert "| mdlm_nelbo |" in table and "| samples.validity |" in table
+
+
+def test_sweep_writes_one_consistent_row_per_grid_point(smiles_run, tmp_path):
+    out = tmp_path / "sweep"
+    assert cli_main(["sweep", "--checkpoint", str(smiles_run), "--steps", "2,4,8", "--corrector-steps", "0,1,2",
+                     "--corrector-every", "1,2", "--num-samples", "6", "--out", str(out)]) == 0
+    rows = read_rows(out / "sweep.csv")
+    expected = make_grid([2, 4, 8], [0, 1, 2], [1, 2])
+    assert len(expected) == 3 + 2 * 2 * 3
+    assert [GridPoint(r["steps"], r["corrector_steps"], r["corrector_every"]) for r in rows] == expected
+    for row in rows:
+        assert row["nfe_total"] == pytest.approx(row["nfe_denoiser"] + row["nfe_corrector"])
+        assert 1 <= row["nfe_denoiser"] <= row["steps"]
+        loops = row["steps"] // row["corrector_every"] if row["corrector_steps"] else 0
+        assert loops <= row["nfe_corrector"] <= row["corrector_steps"] * loops  # 0 exactly when S = 0
+        assert row["n_samples"] == 6 and {"validity", "uniqueness", "novelty", "qed_mean"} <= row.keys()
+    by_setting: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_setting.setdefault((row["corrector_steps"], row["corrector_every"]), []).append(row)
+    for series in by_setting.values():
+        denoiser = [r["nfe_denoiser"] for r in sorted(series, key=lambda r: r["steps"])]
+        assert denoiser == sorted(denoiser)  # more steps never cost fewer denoiser forwards
+    table = (out / "sweep.md").read_text().strip().splitlines()
+    assert table[0].startswith("| model | T | S | omega | NFE den | NFE cor | NFE total | validity | uniqueness | novelty")
+    assert len(table) == 2 + len(expected)
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --merge re-renders the same rows from CSV without sampling.
+    assert cli_main(["sweep", "--merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged = read_rows(tmp_path / "merged" / "sweep.csv")
+    assert [json.dumps(r, sort_keys=True) for r in merged] == [json.dumps(r, sort_keys=True) for r in rows]  # nan-safe
+
+
+def test_sweep_on_text_reports_judge_entropy_and_repetition(text_run, tmp_path):
+    out = tmp_path / "sweep"
+    assert cli_main(["sweep", "--checkpoint", str(text_run), "--steps", "2,4", "--corrector-steps", "0",
+                     "--num-samples", "4", "--out", str(out)]) == 0
+    rows = read_rows(out / "sweep.csv")
+    assert [r["model"] for r in rows] == ["text-mdlm", "text-mdlm"]
+    for row in rows:
+        assert row["nfe_corrector"] == 0
+        assert 0 <= row["unigram_entropy"] <= math.log(32) and 0 <= row["repetition_rate"] <= 1
+        assert 0 <= row["distinct_2"] <= 1 and "trigram_perplexity" in row and "trigram_oov_rate" in row
+    header = (out / "sweep.md").read_text().splitlines()[0]
+    assert "trigram_perplexity" in header and "unigram_entropy" in header and "validity" not in header
+
+
+def test_markdown_table_formats_missing_and_nan_cells():
+    rows = [{"model": "m", "steps": 4, "corrector_steps": 0, "corrector_every": 1, "nfe_denoiser": 4.0,
+             "nfe_corrector": 0.0, "nfe_total": 4.0, "validity": float("nan")},
+            {"model": "m", "steps": 8, "corrector_steps": 1, "corrector_every": 1, "nfe_denoiser": 8.0,
+             "nfe_corrector": 8.0, "nfe_total": 16.0, "validity": 0.5, "novelty": 1.0}]
+    lines = markdown_table(rows).splitlines()
+    assert lines[2] == "| m | 4 | 0 | 1 | 4.000 | 0.000 | 4.000 | nan |  |"
+    assert lines[3].endswith("| 0.500 | 1.000 |")
