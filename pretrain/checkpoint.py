@@ -97,6 +97,9 @@ class Checkpointer:
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending: tuple[Future, Path, dict] | None = None
+        # Background saves talk over their own group, so they never interleave with training
+        # collectives on the default one.
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def remove_incomplete(self) -> None:
         """Delete `.tmp` leftovers of saves that never finished (rank 0, at start-up)."""
@@ -126,15 +129,21 @@ class Checkpointer:
         if self.async_save:
             # Tensors are staged to memory before the future is returned; training may then
             # change them. The rename happens once every rank has written (wait()/poll()).
-            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), final, meta)
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+            self._pending = (future, final, meta)
             return final
         dcp.save(state, checkpoint_id=str(tmp))
         self._finalize(final, meta)
         return final
 
     def poll(self) -> None:
-        """Finish an asynchronous save if its writes are done (cheap; call every step)."""
-        if self._pending is not None and self._pending[0].done():
+        """Finish an asynchronous save once every rank's writes are done (call every step)."""
+        if self._pending is None:
+            return
+        done = torch.tensor([int(self._pending[0].done())])
+        if dist.is_initialized():  # all ranks must agree, or only some would enter the barrier
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._group)
+        if done.item():
             self.wait()
 
     def wait(self) -> None:
@@ -206,3 +215,26 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
     # no_dist: this process reads every shard itself, also inside a multi-process job.
     dcp.load({key: weights}, checkpoint_id=str(path), no_dist=True)
     return model.to(device).eval(), cfg, load_tokenizer(path / "tokenizer")
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """One safetensors file with the full weights of a checkpoint saved on any layout: the raw
+    weights under their parameter names, the EMA under "ema.<name>", and the run config and step
+    in the file's metadata."""
+    from safetensors.torch import save_file
+
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    model, cfg, _ = load_model(path, use_ema=False)
+    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    if meta.get("has_ema", False):
+        shadow = {name: torch.empty_like(p) for name, p in tensors.items()}
+        dcp.load({"ema": shadow}, checkpoint_id=str(path), no_dist=True)
+        tensors.update({f"ema.{name}": t for name, t in shadow.items()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"config": json.dumps(meta["config"]), "step": str(meta["step"]),
+                                          "vocab_size": str(cfg.model.vocab_size)})
+    os.replace(tmp, out)
+    return out

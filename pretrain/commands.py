@@ -128,6 +128,13 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"wrote {csv_path}, {md_path}, {png_path}")
 
 
+def _consolidate(args: argparse.Namespace) -> None:
+    from pretrain.checkpoint import consolidate
+
+    out = consolidate(args.checkpoint, args.out)
+    print(f"wrote {out}")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="pretrain a model (one process, torchrun, srun or deepspeed)")
     train.add_argument("config", help="YAML run config, e.g. configs/shakespeare.yaml")
@@ -192,3 +199,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--out", required=True, help="folder for sweep.csv, sweep.md and sweep.png")
     sweep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sweep.set_defaults(func=_sweep)
+
+    checkpoint = sub.add_parser("checkpoint", help="work with checkpoints")
+    checkpoint_sub = checkpoint.add_subparsers(dest="checkpoint_command", required=True)
+    consolidate = checkpoint_sub.add_parser("consolidate", help="one safetensors file of full weights (and EMA) "
+                                            "from a checkpoint saved on any layout")
+    consolidate.add_argument("checkpoint", help="checkpoint folder, or a run folder (latest checkpoint)")
+    consolidate.add_argument("out", help="output .safetensors file")
+    consolidate.set_defaults(func=_consolidate)

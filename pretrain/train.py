@@ -26,7 +26,8 @@ from parallel.data_parallel import clip_gradients, parallelize, set_gradient_syn
 from parallel.env import DistEnv, detect_launch, init_distributed, shutdown
 from parallel.mesh import Layout, build_mesh, dp_group
 from parallel.rng import seed_dropout
-from pretrain.checkpoint import Checkpointer, CheckpointError, app_state, latest_checkpoint, load_app_state
+from pretrain.checkpoint import (Checkpointer, CheckpointError, app_state, latest_checkpoint, load_app_state,
+                                 load_model)
 from pretrain.config import RunConfig, grad_accum_steps, padded_vocab_size, save_config, to_dict, validate
 from pretrain.data import TrainLoader, eval_batches, open_shards
 from pretrain.evaluate import sample_report, validation_metrics
@@ -226,11 +227,13 @@ class Trainer:
                     self.checkpointer.wait()
                     return {"preempted": True, "step": step}
             final = self._validate()
-            self._save()
+            last = self._save()
             self.checkpointer.wait()
             if self.env.is_main:
                 plot_losses(self.run_dir)
-                self._report_samples()
+                self._report_samples(last)
+            if dist.is_initialized():
+                dist.barrier()  # the other ranks wait while rank 0 samples
             return final
         finally:
             self.logger.close()
@@ -304,12 +307,19 @@ class Trainer:
             dist.all_reduce(tensor, group=dp_group(self.mesh))
         return tensor
 
-    def _report_samples(self) -> None:
-        """Samples at a low NFE budget, without and with correction (EMA weights), as a table."""
-        if self.cfg.sampling.num_samples == 0 or self.env.world_size > 1:
+    def _report_samples(self, checkpoint: Path) -> None:
+        """Samples at a low NFE budget, without and with correction (EMA weights), as a table.
+        Rank 0 samples alone: from the live model in one process, else from the final checkpoint
+        read whole into this process (whatever the layout it was saved from)."""
+        if self.cfg.sampling.num_samples == 0:
             return
-        with EMAWeights(self.model, self.ema):
-            table, rows = sample_report(self.model, self.tokenizer, self.cfg, self.manifest.corpus, self.env.device)
+        if self.env.world_size == 1:
+            with EMAWeights(self.model, self.ema):
+                table, rows = sample_report(self.model, self.tokenizer, self.cfg, self.manifest.corpus,
+                                            self.env.device)
+        else:
+            model, _, _ = load_model(checkpoint, self.env.device)
+            table, rows = sample_report(model, self.tokenizer, self.cfg, self.manifest.corpus, self.env.device)
         (self.run_dir / "samples.md").write_text(table + "\n")
         with open(self.run_dir / "samples.jsonl", "w") as stream:
             for row in rows:

@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from pretrain.checkpoint import consolidate, load_model
 from pretrain.config import load_config
 from pretrain.metrics import read_metrics
 from pretrain.train import Trainer, train
@@ -64,7 +67,7 @@ def test_dp2_tp2_parity_then_checkpoint_reshards_to_dp2_and_one_process(shards, 
     train(load_config(None, [*TINY, *run_overrides(shards, reference)]))
     resharded = tmp_path / "resharded"
     torchrun(4, WORKER, "train", *run_overrides(shards, resharded, "train.max_steps=2", "parallel.dp=2",
-                                                   "parallel.tp=2"))
+                                                   "parallel.tp=2", "checkpoint.async_save=true"))
     checkpoint = resharded / "checkpoints" / "step_00000002"
     single = tmp_path / "single"
     single.mkdir()
@@ -83,6 +86,14 @@ def test_dp2_tp2_parity_then_checkpoint_reshards_to_dp2_and_one_process(shards, 
     assert len(loaded_single["state"]) > 3 * 30  # model, EMA and both Adam moments of every parameter
     train(load_config(None, [*TINY, *run_overrides(shards, single)]))
 
+    # The dp=2 x tp=2 checkpoint consolidates to the same full weights as a one-process load.
+    out = consolidate(checkpoint, tmp_path / "full.safetensors")
+    tensors = load_file(out)
+    model, _, _ = load_model(checkpoint, use_ema=False)
+    ema_model, _, _ = load_model(checkpoint, use_ema=True)
+    for name, p in model.named_parameters():
+        assert torch.equal(tensors[name], p) and torch.equal(tensors[f"ema.{name}"], dict(ema_model.named_parameters())[name])
+
     # Adam turns ~1e-8 gradient differences into ~lr-sized update differences on near-zero
     # gradients, so the runs use a small learning rate (environment.md): losses then agree to 1e-5.
     expected = losses(reference)
@@ -94,8 +105,6 @@ def test_dp2_tp2_parity_then_checkpoint_reshards_to_dp2_and_one_process(shards, 
 
 
 def _cpu():
-    import torch
-
     return torch.device("cpu")
 
 

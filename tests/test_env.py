@@ -1,0 +1,46 @@
+"""Where a process stands: launcher variables, Slurm node lists, backends."""
+
+import pytest
+import torch
+
+from parallel.env import backend_for, detect_launch, first_slurm_host
+
+
+def test_single_process():
+    launch = detect_launch({})
+    assert (launch.rank, launch.world_size, launch.launcher) == (0, 1, "single")
+
+
+def test_torchrun_and_deepspeed_variables():
+    launch = detect_launch({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher) == (3, 8, 1, "torchrun")
+    assert (launch.master_addr, launch.master_port) == ("n1", 1234)
+
+
+def test_bare_srun():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    launch = detect_launch(env)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher) == (5, 8, 1, "slurm")
+    assert launch.master_addr == "gpu07" and launch.master_port == 29500 + 4242
+
+
+def test_srun_torchrun_prefers_the_launcher_rank():
+    """Under `srun torchrun`, every worker sees SLURM_PROCID=0 but its own RANK."""
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert detect_launch(env).rank == 3 and detect_launch(env).launcher == "torchrun"
+
+
+def test_one_slurm_task_is_a_single_process():
+    assert detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).launcher == "single"
+
+
+@pytest.mark.parametrize("nodelist, first", [("node[003-005,9],gpu1", "node003"), ("gpu1", "gpu1"),
+                                             ("a-b[1,3]", "a-b1"), ("", "127.0.0.1"), ("x12,y13", "x12")])
+def test_first_slurm_host(nodelist, first, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: parse the list ourselves
+    assert first_slurm_host(nodelist) == first
+
+
+def test_backend_never_asks_for_what_the_build_lacks():
+    assert backend_for(torch.device("cpu")) == "gloo"
