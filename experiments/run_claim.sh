@@ -16,7 +16,8 @@
 # Environment:
 #   JOBS=2          training runs / per-model sweeps at once (each with THREADS threads)
 #   THREADS=1       OMP threads per process (JOBS x THREADS should match the cores)
-#   NUM_SAMPLES     samples per grid point (default 256 for MOSES, 96 for Shakespeare)
+#   NUM_SAMPLES     samples per grid point (default 256 for MOSES, 64 for Shakespeare)
+#   OMEGAS=1        corrector frequencies omega to sweep, e.g. 1,2 (each omega adds a grid per S > 0)
 #   TRAIN_OVERRIDES extra section.field=value overrides for every training run (e.g. train.max_steps=100)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,17 +63,18 @@ train_one() {  # NAME: one training run, logged to runs/claim/NAME.log; wall sec
 }
 
 sweep_one() {  # CORPUS NAME: the grid for one model
-  local corpus=$1 name=$2 samples steps
-  if [[ $corpus == moses ]]; then samples=${NUM_SAMPLES:-256}; steps=4,8,16,32,64
-  else samples=${NUM_SAMPLES:-96}; steps=8,16,32,64,128; fi
+  local corpus=$1 name=$2 samples steps corrector
+  # Samples x forwards is the cost: 256 molecules of 32 tokens, 64 Shakespeare samples of 64 characters.
+  if [[ $corpus == moses ]]; then samples=${NUM_SAMPLES:-256}; steps=4,8,16,32,64; corrector=0,1,2,4
+  else samples=${NUM_SAMPLES:-64}; steps=8,16,32,64; corrector=0,1,2; fi
   local out=runs/claim/sweep-$corpus/$name
   [[ -f $out/sweep.csv ]] && return
   echo "eval $name -> runs/claim/eval-$name.json"
   $PROSECO eval --checkpoint runs/claim/$name --batches 64 --out runs/claim/eval-$name.json \
     > runs/claim/eval-$name.log 2>&1
   echo "sweep $name -> $out"
-  $PROSECO sweep --checkpoint runs/claim/$name --steps $steps --corrector-steps 0,1,2,4 \
-    --corrector-every 1,2 --num-samples "$samples" --batch-size "$samples" --out "$out" \
+  $PROSECO sweep --checkpoint runs/claim/$name --steps $steps --corrector-steps $corrector \
+    --corrector-every "${OMEGAS:-1}" --num-samples "$samples" --batch-size "$samples" --out "$out" \
     > runs/claim/sweep-$corpus-$name.log 2>&1
 }
 
@@ -80,7 +82,7 @@ sweep_one() {  # CORPUS NAME: the grid for one model
 names() { for corpus in $CORPORA; do echo "$corpus-proseco"; done; for corpus in $CORPORA; do echo "$corpus-mdlm"; done; }
 
 export -f train_one sweep_one
-export PROSECO TRAIN_OVERRIDES NUM_SAMPLES
+export PROSECO TRAIN_OVERRIDES NUM_SAMPLES OMEGAS
 
 if [[ $STAGE == all || $STAGE == data ]]; then
   for corpus in $CORPORA; do data "$corpus"; done

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.utils.checkpoint import checkpoint
 
 from parallel.mesh import DP_DIMS, Layout
@@ -67,6 +67,18 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
+@torch.no_grad()
+def reduce_partial_gradients(model: nn.Module) -> None:
+    """Sum gradients left as partial sums across ranks (the norm weights under sequence
+    parallelism, whose inputs are sequence slices). DTensor defers that reduction; doing it once
+    per step, after accumulation, makes every gradient final before clipping and the update."""
+    for p in model.parameters():
+        grad = p.grad
+        if isinstance(grad, DTensor) and any(placement.is_partial() for placement in grad.placements):
+            placements = [Replicate() if placement.is_partial() else placement for placement in grad.placements]
+            p.grad = grad.redistribute(grad.device_mesh, placements)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradient norm over any mix of plain tensors and DTensors
 
@@ -92,6 +104,8 @@ def global_grad_norm(parameters) -> torch.Tensor:
     by_groups: dict[tuple, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
     for grad in grads:
         if isinstance(grad, DTensor):
+            if any(placement.is_partial() for placement in grad.placements):
+                raise RuntimeError("partial-sum gradient: call reduce_partial_gradients() first")
             by_groups[_shard_groups(grad)] += grad.to_local().double().square().sum()
         else:
             total += grad.double().square().sum()

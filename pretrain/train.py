@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.data_parallel import clip_gradients, parallelize, set_gradient_sync
+from parallel.data_parallel import clip_gradients, parallelize, reduce_partial_gradients, set_gradient_sync
 from parallel.env import DistEnv, detect_launch, init_distributed, shutdown
 from parallel.mesh import Layout, build_mesh, dp_group
 from parallel.rng import seed_dropout
@@ -281,6 +281,7 @@ class Trainer:
             sums += torch.stack([t.detach().sum() for t in (losses.total, losses.mdlm, losses.corrector,
                                                             losses.corrector_input_errors,
                                                             losses.corrector_output_errors)])
+        reduce_partial_gradients(self.model)
         return self._all_reduce(sums) / n_tokens
 
     def _clip_gradients(self) -> float:

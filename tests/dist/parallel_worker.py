@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from parallel.data_parallel import global_grad_norm
 from parallel.env import DistEnv, detect_launch, init_distributed
 from pretrain.checkpoint import app_state
 from pretrain.config import load_config, validate
@@ -42,7 +43,10 @@ def one_step(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss terms and full gradients of the first global batch, on this trainer's layout."""
     batches = iter(trainer.loader)
     sums = trainer.forward_backward([next(batches) for _ in range(trainer.accum)])
+    for name, p in trainer.model.named_parameters():  # final gradients, not deferred partial sums
+        assert not any(pl.is_partial() for pl in getattr(p.grad, "placements", ())), name
     grads = {name: full(p.grad).clone() for name, p in trainer.model.named_parameters()}
+    grads["global_norm"] = global_grad_norm(trainer.model.parameters()).reshape(1)  # what clipping sees
     trainer.optimizer.zero_grad(set_to_none=True)
     return sums, grads
 
