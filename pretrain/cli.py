@@ -14,15 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from pretrain.config import load_config, reference_markdown, to_yaml, validate
+from pretrain.config import load_config, reference_markdown, split_config_args, to_yaml, validate
 from tokenizer.errors import UserError
 
 
 def _config_show(args: argparse.Namespace) -> None:
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():  # only overrides were given
-        config, overrides = None, [config, *overrides]
-    cfg = load_config(config, overrides)
+    cfg = load_config(*split_config_args(args.config, args.overrides))
     validate(cfg, world_size=args.world_size)
     print(to_yaml(cfg), end="")
 

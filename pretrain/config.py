@@ -311,6 +311,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _build(RunConfig, raw, prefix="")
 
 
+def split_config_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`proseco train a.b=1 c.d=2` names no file: the first 'argument' is then an override."""
+    if config is not None and "=" in config and not Path(config).exists():
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
 def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """A RunConfig from an already parsed mapping (e.g. the config saved in a checkpoint)."""
     raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy overrides can change

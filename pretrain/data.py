@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,6 +393,14 @@ def _to_torch(item: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
     return item
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job step on preemption. Workers leave SIGTERM/SIGUSR1 to
+    the training process, which saves a checkpoint and then shuts them down; a worker that died
+    of the signal would make the DataLoader raise before the checkpoint is written."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _items(stream: ShardStream, num_workers: int, pin_memory: bool) -> Generator[dict[str, Any], None, None]:
     """The stream's items as tensors, read in this process or by `num_workers` worker processes.
 
@@ -405,7 +414,8 @@ def _items(stream: ShardStream, num_workers: int, pin_memory: bool) -> Generator
         for item in stream:
             yield _to_torch(item, pin_memory)
         return
-    iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is))
+    iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
+                               worker_init_fn=_ignore_preemption_signals))
     try:
         for item in iterator:
             yield _to_torch(item, pin_memory)

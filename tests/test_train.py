@@ -23,14 +23,18 @@ def shards(tmp_path_factory) -> Path:
     return make_word_shards(tmp_path_factory.mktemp("corpus"))
 
 
-def tiny_config(shards: Path, run_dir: Path, *overrides: str):
-    return load_config(None, [
+def tiny_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return [
         f"data.shards={shards}", f"logging.run_dir={run_dir}", "model.d_model=32", "model.n_layers=2",
         "model.n_heads=2", "model.cond_dim=16", "data.global_batch_size=8", "data.micro_batch_size=4",
         "data.num_workers=0", "optim.warmup_steps=2", "optim.lr=3e-3", "train.eval_every=3", "train.eval_batches=2",
         "checkpoint.every=3", "logging.log_every=1", "logging.progress=false", "model.dropout=0.1",
         "sampling.num_samples=2", "sampling.batch_size=2", "sampling.steps=4",
-        "train.max_steps=6", *overrides])
+        "train.max_steps=6", *overrides]
+
+
+def tiny_config(shards: Path, run_dir: Path, *overrides: str):
+    return load_config(None, tiny_args(shards, run_dir, *overrides))
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -134,3 +138,33 @@ def test_sample_command_from_checkpoint(shards, tmp_path):
     model, cfg, tokenizer = load_model(tmp_path / "run")
     assert cfg.model.seq_len == 32 and isinstance(model(torch.zeros(1, 32, dtype=torch.long)), torch.Tensor)
     assert cli_main(["sample", "--checkpoint", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_sigterm_to_the_whole_job_saves_and_exits_cleanly(shards, tmp_path):
+    """Slurm preemption signals every process of the step, DataLoader workers included: the run
+    must still save a checkpoint and exit 0, and resume from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_args(shards, run_dir) if not o.startswith("data.num_workers")]
+    command = [sys.executable, "-m", "pretrain.cli", "train", *overrides, "data.num_workers=1",
+               "train.max_steps=100000", "checkpoint.every=0", "train.eval_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    saved = latest_checkpoint(run_dir / "checkpoints")
+    assert saved is not None and "preemption signal" in out + err
+    step = int(saved.name.split("_")[1])
+    result = train(tiny_config(shards, run_dir, f"train.max_steps={step + 2}"))
+    assert result["step"] == step + 2
