@@ -86,20 +86,21 @@ def reduce_partial_gradients(model: nn.Module) -> None:
 def _shard_groups(grad: DTensor) -> tuple:
     """The process groups over which this gradient is split (its local squares must be summed)."""
     mesh = grad.device_mesh
-    return tuple(mesh.get_group(i) for i, placement in enumerate(grad.placements) if placement.is_shard())
+    # Anything but Replicate splits the tensor (Shard, and FSDP2's _StridedShard under tensor
+    # parallelism, which is not a Shard subclass); partial sums are reduced before this point.
+    return tuple(mesh.get_group(i) for i, placement in enumerate(grad.placements) if not placement.is_replicate())
 
 
 @torch.no_grad()
-def global_grad_norm(parameters) -> torch.Tensor:
+def global_grad_norm(parameters, pp_group=None) -> torch.Tensor:
     """The 2-norm of all gradients of the whole model, identical on every rank.
 
     A sharded DTensor gradient contributes the sum of its shards' squares (reduced over the mesh
-    dimensions it is split on); a replicated one, and a plain tensor, count once.
+    dimensions it is split on); a replicated one, and a plain tensor, count once. Pipeline ranks
+    hold disjoint parameters: their totals are summed over `pp_group`.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device if grads else "cpu"
     total = torch.zeros((), dtype=torch.float64, device=device)
     by_groups: dict[tuple, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
     for grad in grads:
@@ -113,14 +114,16 @@ def global_grad_norm(parameters) -> torch.Tensor:
         for group in groups:
             dist.all_reduce(squares, group=group)
         total += squares
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
     return total.sqrt()
 
 
 @torch.no_grad()
-def clip_gradients(parameters, max_norm: float) -> float:
+def clip_gradients(parameters, max_norm: float, pp_group=None) -> float:
     """Scale all gradients so that their global norm is at most max_norm; returns the norm before."""
     parameters = [p for p in parameters if p.grad is not None]
-    norm = global_grad_norm(parameters)
+    norm = global_grad_norm(parameters, pp_group)
     if max_norm > 0 and torch.isfinite(norm):
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in parameters:

@@ -47,9 +47,11 @@ def _sum_gradient_hook(group):
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
-    """Shard `model` (a DiT) over `tp_mesh` in place. Parameter names do not change."""
+    """Shard `model` (a DiT, or a pipeline stage of one) over `tp_mesh` in place. Parameter names
+    do not change."""
     stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
-    parallelize_module(model.vocab_embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=stream))
+    if model.vocab_embed is not None:
+        parallelize_module(model.vocab_embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=stream))
     group = tp_mesh.get_group()
     for block in model.blocks.values():
         plan = {
@@ -67,6 +69,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         parallelize_module(block, tp_mesh, plan)
         if sequence_parallel:
             block.adaLN_modulation.register_forward_hook(_sum_gradient_hook(group))
+    if model.output_layer is None:
+        return
     head = {"adaLN_modulation": ColwiseParallel(output_layouts=Replicate()),
             "linear": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)}
     if sequence_parallel:

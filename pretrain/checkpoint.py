@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from tokenizer.errors import UserError
 
@@ -68,17 +70,28 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def app_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema_shadow: dict | None) -> dict:
-    """The tensors DCP saves and loads in place: parameter-name keyed, layout independent."""
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(strict=True))
-    state = {"model": model_sd, "optim": optim_sd}
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def app_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], ema_shadow: dict | None) -> dict:
+    """The tensors DCP saves and loads in place, keyed by parameter name (optimizer state
+    flattened to "state.<name>.<key>"): the same keys on every layout, so any layout loads any
+    checkpoint, and the parts of a pipeline rank simply add up."""
+    model, optim = {}, {}
+    for part, optimizer in zip(parts, optimizers):
+        model.update(get_model_state_dict(part))
+        optim.update(get_optimizer_state_dict(part, optimizer, options=_FLAT))
+    state = {"model": model, "optim": optim}
     if ema_shadow is not None:
         state["ema"] = ema_shadow
     return state
 
 
-def load_app_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+def load_app_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+    for part, optimizer in zip(parts, optimizers):
+        names = set(get_model_state_dict(part))
+        set_model_state_dict(part, {k: v for k, v in state["model"].items() if k in names})
+        set_optimizer_state_dict(part, optimizer, state["optim"], options=_FLAT)
 
 
 def read_meta(path: Path) -> dict:

@@ -193,10 +193,6 @@ class ParallelConfig:
     """FSDP parameter dtype during compute; gradients are always reduced in fp32."""
     timeout_s: float = 600.0
     """Collective timeout: a dead or stuck rank ends the job with an error after this long."""
-    engine: Literal["native", "deepspeed"] = "native"
-    """native: PyTorch FSDP2/DDP/DTensor/pipelining; deepspeed: DeepSpeed ZeRO (dp only)."""
-    zero_stage: int = 2
-    """ZeRO stage with engine=deepspeed."""
 
 
 @dataclass
@@ -507,9 +503,6 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
          "parallel.pp_virtual_stages > 1 needs parallel.pp_schedule=interleaved_1f1b")
     need(p.pp == 1 or t.step_mode == "two_pass",
          "train.step_mode=reuse needs the whole model in one stage; with parallel.pp > 1 use train.step_mode=two_pass")
-    need(p.engine == "native" or (p.tp == 1 and p.pp == 1),
-         "parallel.engine=deepspeed trains data-parallel layouts only; set parallel.tp=1 and parallel.pp=1")
-    need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage must be 0, 1, 2 or 3")
 
     need(data.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
     need(data.num_workers >= 0, "data.num_workers must be >= 0")

@@ -9,31 +9,40 @@ import torch
 from torch import nn
 
 from pretrain.optim import EMA, EMAWeights
-from pretrain.step import Objective, compute_losses
+from pretrain.step import Objective, compute_losses, pipelined_losses
 
 
 @torch.no_grad()
-def validation_metrics(model: nn.Module, ema: EMA | None, batches: Iterable[dict], objective: Objective, step: int,
-                       device: torch.device, all_reduce: Callable[[torch.Tensor], torch.Tensor],
-                       autocast: torch.autocast | None = None) -> dict:
+def validation_metrics(model: nn.Module | list[nn.Module], ema: EMA | None, batches: Iterable[dict],
+                       objective: Objective, step: int, device: torch.device,
+                       all_reduce: Callable[[torch.Tensor], torch.Tensor], autocast: torch.autocast | None = None,
+                       runner=None) -> dict:
     """MDLM NELBO per token (t ~ U[sampling_eps_validation, 1], a Monte-Carlo estimate whose exp bounds
     the perplexity), the corrector loss and the corrector's error rates, with the EMA weights.
 
-    The corrector pass runs whenever corrector training is on, also before its start step, so the
-    corrector curve is defined from the first evaluation.
+    `model` is the model, or the pipeline stages of this rank with their `runner`. The corrector
+    pass runs whenever corrector training is on, also before its start step, so the corrector
+    curve is defined from the first evaluation.
     """
-    was_training = model.training
-    model.eval()
+    parts = model if isinstance(model, list) else [model]
+    was_training = parts[0].training
+    for part in parts:
+        part.eval()
     step = max(step, objective.cfg.corrector_training_start_step)
     sums = torch.zeros(5, device=device)  # mdlm, corrector, input errors, output errors, tokens
-    with EMAWeights(model, ema):
+    with EMAWeights(ema):
         for batch in batches:
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            losses = compute_losses(model, batch, objective, step, "reuse", training=False, autocast=autocast)
-            sums += torch.stack([losses.mdlm.sum(), losses.corrector.sum(), losses.corrector_input_errors.sum(),
-                                 losses.corrector_output_errors.sum(), losses.mdlm.new_tensor(0) +
-                                 batch["valid"].sum() * batch["tokens"].shape[1]])
-    model.train(was_training)
+            tokens = batch["valid"].sum() * batch["tokens"].shape[1]
+            if runner is not None:
+                terms = runner.broadcast_from_last(pipelined_losses(runner, [batch], objective, step, None, autocast))[1:]
+            else:
+                losses = compute_losses(parts[0], batch, objective, step, "reuse", training=False, autocast=autocast)
+                terms = torch.stack([losses.mdlm.sum(), losses.corrector.sum(), losses.corrector_input_errors.sum(),
+                                     losses.corrector_output_errors.sum()])
+            sums += torch.cat([terms, tokens.reshape(1).to(terms.dtype)])
+    for part in parts:
+        part.train(was_training)
     sums = all_reduce(sums)
     tokens = max(sums[4].item(), 1.0)
     nelbo = sums[0].item() / tokens

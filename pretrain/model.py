@@ -89,10 +89,14 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(seq_len, dtype=torch.float32, device=device)
-        freqs = torch.outer(positions, self.inv_freq.to(device))
-        angles = torch.cat([freqs, freqs], dim=-1)  # [L, head_dim]
-        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+        """cos and sin tables [1, L, 1, head_dim], computed once per length and device."""
+        key = (seq_len, device)
+        if getattr(self, "_key", None) != key:
+            positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+            freqs = torch.outer(positions, self.inv_freq.to(device))
+            angles = torch.cat([freqs, freqs], dim=-1)
+            self._key, self._tables = key, (angles.cos()[None, :, None, :], angles.sin()[None, :, None, :])
+        return self._tables
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -142,11 +146,13 @@ class DiTBlock(nn.Module):
         while x holds a slice of it."""
         return projected.view(*projected.shape[:2], -1, self.head_dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        q = apply_rotary(self._heads(self.attn_q(h)), *rope)
-        k = apply_rotary(self._heads(self.attn_k(h)), *rope)
+        q, k = self._heads(self.attn_q(h)), self._heads(self.attn_k(h))
+        # The rotary tables follow q: the whole sequence even when x holds a slice of it.
+        rope = rotary(q.shape[1], q.device)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         attn = attention(q, k, self._heads(self.attn_v(h)), self.attention_backend)
         x = x + gate_msa * self.dropout(self.attn_out(attn.flatten(2)))
         return x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
@@ -185,7 +191,8 @@ class DiT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Upstream initialisation: kaiming-uniform embedding, default Linear, zero adaLN and output."""
-        nn.init.kaiming_uniform_(self.vocab_embed.weight, a=math.sqrt(5))
+        if self.vocab_embed is not None:
+            nn.init.kaiming_uniform_(self.vocab_embed.weight, a=math.sqrt(5))
         for block in self.blocks.values():
             nn.init.zeros_(block.adaLN_modulation.weight)
             nn.init.zeros_(block.adaLN_modulation.bias)
@@ -201,14 +208,23 @@ class DiT(nn.Module):
             sigma = torch.zeros_like(sigma)
         return F.silu(self.sigma_map(sigma))
 
-    def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        if sigma is None:
-            sigma = torch.zeros(tokens.shape[0], device=tokens.device)
-        x = self.vocab_embed(tokens)
-        c = self.conditioning(sigma)
-        rope = self.rotary_emb(tokens.shape[1], tokens.device)
+    def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None):
+        """tokens [B, L] and sigma [B] -> logits [B, L, V].
+
+        A pipeline stage holds only some of the modules: without the embedding it takes the
+        residual stream and the conditioning vector (x, c) instead, and without the output layer
+        it returns (x, c) for the next stage.
+        """
+        if self.vocab_embed is not None:
+            if sigma is None:
+                sigma = torch.zeros(tokens.shape[0], device=tokens.device)
+            x, c = self.vocab_embed(tokens), self.conditioning(sigma)
+        else:
+            x, c = tokens, sigma
         for block in self.blocks.values():
-            x = block(x, c, rope)
+            x = block(x, c, self.rotary_emb)
+        if self.output_layer is None:
+            return x, c
         return self.output_layer(x, c)
 
 

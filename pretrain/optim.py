@@ -35,54 +35,75 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+class Optimizers:
+    """One AdamW per model part (the pipeline stages a rank holds), stepped together."""
+
+    def __init__(self, parts: list[nn.Module], cfg: OptimConfig):
+        self.parts = parts
+        self.optimizers = [build_optimizer(part, cfg) for part in parts]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            set_lr(optimizer, lr)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+
 class EMA:
     """Exponential moving average of the parameters, with upstream's warm-up min(decay, (1+n)/(10+n)).
 
-    The shadow tensors mirror the parameters (plain tensors, or DTensors sharded like them), so
-    the EMA checkpoints and reshards exactly like the model.
+    The shadow tensors mirror the parameters (plain tensors, or DTensors sharded like them) of all
+    the model parts a rank holds, by parameter name, so the EMA checkpoints and reshards exactly
+    like the model.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, parts: list[nn.Module], decay: float):
+        self.parts, self.decay = parts, decay
         self.num_updates = 0
-        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.shadow = {name: p.detach().clone() for name, p in self._named_parameters()}
+
+    def _named_parameters(self):
+        for part in self.parts:
+            yield from part.named_parameters()
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for name, p in model.named_parameters():
+        for name, p in self._named_parameters():
             self.shadow[name].lerp_(p.detach(), 1 - decay)
 
     @torch.no_grad()
-    def swap(self, model: nn.Module) -> None:
-        """Exchange the model's weights with the EMA's (call twice to swap back)."""
-        for name, p in model.named_parameters():
+    def swap(self) -> None:
+        """Exchange the parts' weights with the EMA's (call twice to swap back)."""
+        for name, p in self._named_parameters():
             tmp = p.detach().clone()
             p.copy_(self.shadow[name])
             self.shadow[name].copy_(tmp)
 
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "num_updates": self.num_updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, tensor in state["shadow"].items():
-            self.shadow[name].copy_(tensor)
-        self.num_updates = int(state["num_updates"])
-
 
 class EMAWeights:
-    """Context manager: the model holds the EMA weights inside the block (or its own if no EMA)."""
+    """Context manager: the model parts hold the EMA weights inside the block (their own without an EMA)."""
 
-    def __init__(self, model: nn.Module, ema: EMA | None):
-        self.model, self.ema = model, ema
+    def __init__(self, ema: EMA | None):
+        self.ema = ema
 
     def __enter__(self):
         if self.ema is not None:
-            self.ema.swap(self.model)
-        return self.model
+            self.ema.swap()
+        return self
 
     def __exit__(self, *exc):
         if self.ema is not None:
-            self.ema.swap(self.model)
+            self.ema.swap()
         return False

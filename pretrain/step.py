@@ -80,3 +80,59 @@ def compute_losses(model: Model, batch: dict, objective: Objective, step: int, m
     else:
         raise ValueError(f"unknown step mode {mode!r}: use reuse or two_pass")
     return proseco_losses(scores_zt, scores_y, y, noised, objective.cfg, objective.mask_id)
+
+
+def pipelined_losses(runner, batches: list[dict], objective: Objective, step: int,
+                     backward_scale: torch.Tensor | None, autocast: torch.autocast | None = None) -> torch.Tensor:
+    """The two-pass step across pipeline stages, over all micro-batches of a step at once.
+
+    Pass 1 is a forward-only pipeline pass on z_t (no grad, nothing stored) whose last stage takes
+    y = argmax (vocabulary-parallel under tensor parallelism); y goes to every stage. Pass 2 runs
+    the training schedule on the micro-batches [z_t; y] with the joint loss on the last stage,
+    scaled by `backward_scale` for backward (None: evaluation, forward only). Every stage computes
+    the masks itself (keyed randomness), so only y and activations travel. Returns the sums
+    (loss, mdlm, corrector, input errors, output errors) on the last stage, zeros elsewhere.
+    """
+    training = backward_scale is not None
+    noised = [objective.noise(batch, training) for batch in batches]
+    rows, count = batches[0]["tokens"].shape[0], len(batches)
+    device = noised[0].zt.device
+    terms: dict[int, torch.Tensor] = {}  # per micro-batch: a schedule's first step may call the loss
+    corrector = objective.corrector_active(step)  # once more, on shape-inference output; the last call counts
+    ctx = autocast if autocast is not None else nullcontext()
+
+    def scores_of(output: torch.Tensor) -> torch.Tensor:
+        return suppress_logits(output.float(), objective.mask_id, objective.vocab_size)
+
+    ys: list[torch.Tensor | None] = [None] * count
+    if corrector:
+        def first_pass(output: torch.Tensor, m: int) -> torch.Tensor:
+            ys[m] = corrector_input(scores_of(output), noised[m], objective.cfg, objective.mask_id, objective.seed,
+                                    batches[m]["position"])
+            return torch.zeros((), device=device)
+
+        with ctx:
+            runner.run(torch.cat([n.zt for n in noised]), torch.cat([n.sigma for n in noised]), count, rows,
+                       first_pass, training=False)
+        y = torch.cat(ys) if runner.is_last else torch.empty_like(torch.cat([n.zt for n in noised]))
+        ys = list(runner.broadcast_from_last(y).split(rows))
+        tokens = torch.cat([torch.cat([n.zt, y_m]) for n, y_m in zip(noised, ys)])
+        sigma = torch.cat([torch.cat([n.sigma, n.sigma]) for n in noised])
+    else:
+        tokens, sigma = torch.cat([n.zt for n in noised]), torch.cat([n.sigma for n in noised])
+
+    def second_pass(output: torch.Tensor, m: int) -> torch.Tensor:
+        scores = scores_of(output)
+        if corrector:
+            scores_zt, scores_y = scores.chunk(2)
+            losses = proseco_losses(scores_zt, scores_y, ys[m], noised[m], objective.cfg, objective.mask_id)
+        else:
+            losses = proseco_losses(scores, None, None, noised[m], objective.cfg, objective.mask_id)
+        terms[m] = torch.stack([t.detach().sum() for t in (losses.total, losses.mdlm, losses.corrector,
+                                                           losses.corrector_input_errors, losses.corrector_output_errors)])
+        total = losses.total.sum()
+        return total * backward_scale if training else total.detach()
+
+    with ctx:
+        runner.run(tokens, sigma, count, rows * (2 if corrector else 1), second_pass, training)
+    return sum(terms.values()) if terms else torch.zeros(5, device=device)

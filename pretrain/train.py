@@ -25,6 +25,7 @@ from torch import nn
 from parallel.data_parallel import clip_gradients, parallelize, reduce_partial_gradients, set_gradient_sync
 from parallel.env import DistEnv, detect_launch, init_distributed, shutdown
 from parallel.mesh import Layout, build_mesh, dp_group
+from parallel.pipeline import PipelineRunner, build_stage, layers_per_stage, stage_ids
 from parallel.rng import seed_dropout
 from pretrain.checkpoint import (Checkpointer, CheckpointError, app_state, latest_checkpoint, load_app_state,
                                  load_model)
@@ -33,8 +34,8 @@ from pretrain.data import TrainLoader, eval_batches, open_shards
 from pretrain.evaluate import sample_report, validation_metrics
 from pretrain.metrics import MetricsLogger, Throughput, plot_losses
 from pretrain.model import DiT, ModelShape, count_parameters, forward_flops_per_sequence
-from pretrain.optim import EMA, EMAWeights, build_optimizer, lr_factor, set_lr
-from pretrain.step import Objective, compute_losses
+from pretrain.optim import EMA, EMAWeights, Optimizers, lr_factor
+from pretrain.step import Objective, compute_losses, pipelined_losses
 from tokenizer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,12 @@ class Trainer:
         self.dp_size, self.dp_rank = self.layout.dp, self.layout.dp_rank
         self.accum = grad_accum_steps(cfg, env.world_size)
         self.shape = ModelShape(vocab_size=padded_vocab_size(cfg.model, cfg.model.vocab_size), seq_len=cfg.model.seq_len)
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank, then split
-        self.model: nn.Module = parallelize(DiT(cfg.model, self.shape).to(env.device), self.layout, self.mesh,
-                                            cfg.parallel)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.parts = [parallelize(part, self.layout, self.mesh, cfg.parallel) for part in self._build_parts()]
+        self.model = self.parts[0]  # the whole model unless pipeline parallel
+        self.runner = PipelineRunner(self.parts, self.layout, self.mesh, cfg.parallel, env.device) \
+            if self.layout.pp > 1 else None
+        self.optimizers = Optimizers(self.parts, cfg.optim)
+        self.ema = EMA(self.parts, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.objective = Objective.build(cfg.diffusion, mask_id=self.tokenizer.mask_id,
                                          vocab_size=self.tokenizer.vocab_size, seed=cfg.train.seed,
                                          global_batch_size=cfg.data.global_batch_size)
@@ -137,6 +139,19 @@ class Trainer:
         self.flops_per_step = self._flops_per_step()
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def _build_parts(self) -> list[nn.Module]:
+        """The model, or this rank's pipeline stages, with weights identical on every rank and
+        identical to a one-process run (built whole from the seed, then split)."""
+        torch.manual_seed(self.cfg.train.seed)
+        full = DiT(self.cfg.model, self.shape).to(self.env.device)
+        if self.layout.pp == 1:
+            return [full]
+        counts = layers_per_stage(self.cfg.model, self.cfg.parallel)
+        return [build_stage(full, stage, counts) for stage in stage_ids(self.layout, self.cfg.parallel.pp_virtual_stages)]
+
+    def _parameters(self):
+        return [p for part in self.parts for p in part.parameters()]
 
     def _flops_per_step(self) -> int:
         forward = forward_flops_per_sequence(self.cfg.model, self.shape) * self.cfg.data.global_batch_size
@@ -156,7 +171,7 @@ class Trainer:
         path = latest_checkpoint(folder) if choice == "auto" else Path(choice)
         if path is None:
             return
-        state = app_state(self.model, self.optimizer, self.ema.shadow if self.ema else None)
+        state = app_state(self.parts, self.optimizers.optimizers, self.ema.shadow if self.ema else None)
         try:
             meta = self.checkpointer.load(path, state)
         except (RuntimeError, ValueError) as err:
@@ -164,12 +179,12 @@ class Trainer:
                 raise
             raise CheckpointError(f"cannot load {path} into this model ({str(err).splitlines()[0]}); was it saved "
                                   "with another model config?") from None
-        load_app_state(self.model, self.optimizer, state)
+        load_app_state(self.parts, self.optimizers.optimizers, state)
         if self.ema is not None:
             if "ema" in state:
                 self.ema.num_updates = int(meta["ema_num_updates"])
             else:
-                self.ema = EMA(self.model, self.cfg.optim.ema_decay)
+                self.ema = EMA(self.parts, self.cfg.optim.ema_decay)
         self.loader.load_state_dict(meta["data"])
         self.state = TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"], last_val=meta.get("val", {}))
         self._log_main(f"resumed from {path} at step {self.state.step}")
@@ -178,7 +193,7 @@ class Trainer:
         meta = {"data": self.loader.state_dict(), "tokens_seen": self.state.tokens_seen, "config": to_dict(self.cfg),
                 "has_ema": self.ema is not None, "ema_num_updates": self.ema.num_updates if self.ema else 0,
                 "val": self.state.last_val, "world_size": self.env.world_size}
-        state = app_state(self.model, self.optimizer, self.ema.shadow if self.ema else None)
+        state = app_state(self.parts, self.optimizers.optimizers, self.ema.shadow if self.ema else None)
         return self.checkpointer.save(self.state.step, state, meta, {"tokenizer": self.tokenizer_dir})
 
     def _log_main(self, message: str) -> None:
@@ -241,20 +256,20 @@ class Trainer:
     def _train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over this rank's micro-batches; returns its metrics."""
         cfg, step = self.cfg, self.state.step
-        set_lr(self.optimizer, cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.max_steps))
+        self.optimizers.set_lr(cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.max_steps))
         sums = self.forward_backward(micro_batches)
         grad_norm = self._clip_gradients()
         record = {"loss": sums[0].item(), "mdlm_nelbo": sums[1].item(), "corrector_nll": sums[2].item(),
                   "corrector_input_error": sums[3].item(), "corrector_output_error": sums[4].item(),
-                  "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
+                  "grad_norm": grad_norm, "lr": self.optimizers.lr}
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
             self._handle_nonfinite(step, record)
             return record
         self.state.skipped_steps = 0
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers.step()
+        self.optimizers.zero_grad()
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update()
         return record
 
     def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
@@ -262,7 +277,8 @@ class Trainer:
         over data-parallel ranks. Returns the global (loss, mdlm, corrector, input errors, output
         errors), each per token of the global batch."""
         cfg, device, step = self.cfg, self.env.device, self.state.step
-        self.model.train()
+        for part in self.parts:
+            part.train()
         # Dropout: the same mask on tensor-parallel ranks holding replicated activations, different
         # masks where they hold different slices (sequence parallelism) or different data.
         sp_rank = self.layout.tp_rank if cfg.parallel.sequence_parallel else 0
@@ -272,24 +288,32 @@ class Trainer:
         # the loss does not depend on how the batch is split (the official reduction, made global).
         n_tokens = self._all_reduce(sum(b["valid"].sum() for b in batches).float() * self.shape.seq_len)
         n_tokens = n_tokens.clamp(min=1.0)
-        sums = torch.zeros(5, device=device)
-        for index, batch in enumerate(batches):
-            set_gradient_sync(self.model, index == len(batches) - 1)  # one reduction per step
-            losses = compute_losses(self.model, batch, self.objective, step, cfg.train.step_mode, True, self.autocast)
-            # Data parallelism averages gradients over dp ranks; x dp makes them global sums.
-            (losses.total.sum() * self.dp_size / n_tokens).backward()
-            sums += torch.stack([t.detach().sum() for t in (losses.total, losses.mdlm, losses.corrector,
-                                                            losses.corrector_input_errors,
-                                                            losses.corrector_output_errors)])
-        reduce_partial_gradients(self.model)
+        # Data parallelism averages gradients over dp ranks; x dp makes them global sums.
+        scale = self.dp_size / n_tokens
+        if self.runner is not None:
+            sums = self.runner.broadcast_from_last(
+                pipelined_losses(self.runner, batches, self.objective, step, scale, self.autocast))
+        else:
+            sums = torch.zeros(5, device=device)
+            for index, batch in enumerate(batches):
+                set_gradient_sync(self.model, index == len(batches) - 1)  # one reduction per step
+                losses = compute_losses(self.model, batch, self.objective, step, cfg.train.step_mode, True,
+                                        self.autocast)
+                (losses.total.sum() * scale).backward()
+                sums += torch.stack([t.detach().sum() for t in (losses.total, losses.mdlm, losses.corrector,
+                                                                losses.corrector_input_errors,
+                                                                losses.corrector_output_errors)])
+        for part in self.parts:
+            reduce_partial_gradients(part)
         return self._all_reduce(sums) / n_tokens
 
     def _clip_gradients(self) -> float:
-        return clip_gradients(self.model.parameters(), self.cfg.optim.grad_clip)
+        pp_group = self.mesh["pp"].get_group() if self.layout.pp > 1 else None
+        return clip_gradients(self._parameters(), self.cfg.optim.grad_clip, pp_group)
 
     def _handle_nonfinite(self, step: int, record: dict) -> None:
         what = "loss" if not math.isfinite(record["loss"]) else "gradient norm"
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers.zero_grad()
         message = (f"non-finite {what} at step {step} (loss={record['loss']}, grad_norm={record['grad_norm']}); "
                    "the update was not applied")
         if self.cfg.train.on_nonfinite == "stop":
@@ -315,7 +339,7 @@ class Trainer:
         if self.cfg.sampling.num_samples == 0:
             return
         if self.env.world_size == 1:
-            with EMAWeights(self.model, self.ema):
+            with EMAWeights(self.ema):
                 table, rows = sample_report(self.model, self.tokenizer, self.cfg, self.manifest.corpus,
                                             self.env.device)
         else:
@@ -332,8 +356,8 @@ class Trainer:
         batches = eval_batches(self.cfg.data.shards, "val", micro_batch_size=self.cfg.data.micro_batch_size,
                                dp_rank=self.dp_rank, dp_size=self.dp_size,
                                max_batches=self.cfg.train.eval_batches or None)
-        metrics = validation_metrics(self.model, self.ema, batches, self.objective, self.state.step,
-                                     self.env.device, self._all_reduce, self.autocast)
+        metrics = validation_metrics(self.parts, self.ema, batches, self.objective, self.state.step,
+                                     self.env.device, self._all_reduce, self.autocast, self.runner)
         metrics.update(step=self.state.step, split="val", seconds=time.perf_counter() - started)
         self.state.last_val = metrics
         self.logger.log(metrics)

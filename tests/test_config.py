@@ -73,7 +73,6 @@ def test_unknown_yaml_key(tmp_path):
     (["model.d_model=100", "model.n_heads=3"], 1, "model.d_model=100 is not divisible by model.n_heads=3"),
     (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "train.step_mode=two_pass"], 2,
      "interleaved_1f1b needs parallel.pp_virtual_stages >= 2"),
-    (["parallel.engine=deepspeed", "parallel.tp=2"], 2, "engine=deepspeed trains data-parallel layouts only"),
     (["sampling.corrector_sampling=select_top_k"], 1, "needs sampling.corrector_top_k > 0"),
 ])
 def test_impossible_combinations_are_rejected(overrides, world, needle):

@@ -30,9 +30,8 @@ def test_untrained_block_is_identity():
     model = DiT(TINY, SHAPE)  # init_weights zeroes every adaLN layer
     x = torch.randn(2, SHAPE.seq_len, TINY.d_model)
     c = torch.randn(2, TINY.cond_dim)
-    rope = model.rotary_emb(SHAPE.seq_len, x.device)
     for b in [block, *model.blocks.values()]:
-        assert torch.equal(b(x, c, rope), x)
+        assert torch.equal(b(x, c, model.rotary_emb), x)
 
 
 def test_untrained_model_predicts_uniform():

@@ -32,21 +32,28 @@ def shards(tmp_path_factory) -> Path:
     return make_word_shards(tmp_path_factory.mktemp("corpus"), seq_len=16)
 
 
-def check_parity(results: list[dict], layouts: int) -> None:
-    assert len(results) == 2 * layouts  # both step modes
+def check_parity(results: list[dict], count: int) -> None:
+    assert len(results) == count
     for r in results:
         assert r["names_match"], r
         assert r["loss_error"] <= 1e-6 * abs(r["reference_loss"]), r
         assert r["grad_error"] <= 1e-6 * r["grad_scale"], r
 
 
-def test_dp2_and_tp2_match_one_process(shards, tmp_path):
+def test_two_rank_layouts_match_one_process(shards, tmp_path):
     """dp=2 (sharded, replicated, no-reshard + activation checkpointing), tp=2 with and without
-    sequence parallelism; both step modes; loss and every gradient against one process."""
+    sequence parallelism (both step modes), pp=2 with GPipe, 1F1B and interleaved 1F1B (two-pass):
+    the loss, every gradient and the global gradient norm against one process."""
     torchrun(2, WORKER, "parity", str(shards), str(tmp_path / "parity.json"))
     results = json.loads((tmp_path / "parity.json").read_text())
-    check_parity(results, layouts=5)
-    assert {r["layout"] for r in results} >= {"parallel.tp=2 parallel.sequence_parallel=true", "parallel.tp=2"}
+    check_parity(results, count=5 + 8)
+    assert {r["layout"].split("parallel.pp_schedule=")[-1] for r in results if "pp=2" in r["layout"]} == {
+        "gpipe", "1f1b", "interleaved_1f1b parallel.pp_virtual_stages=2"}
+
+
+def test_eight_ranks_dp2_tp2_pp2_match_one_process(shards, tmp_path):
+    torchrun(8, WORKER, "parity", str(shards), str(tmp_path / "parity8.json"))
+    check_parity(json.loads((tmp_path / "parity8.json").read_text()), count=1)
 
 
 def run_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -61,7 +68,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_dp2_tp2_parity_then_checkpoint_reshards_to_dp2_and_one_process(shards, tmp_path):
     torchrun(4, WORKER, "parity", str(shards), str(tmp_path / "parity4.json"))
-    check_parity(json.loads((tmp_path / "parity4.json").read_text()), layouts=2)
+    check_parity(json.loads((tmp_path / "parity4.json").read_text()), count=2 + 4)  # dp x tp, pp x tp, pp x dp
 
     reference = tmp_path / "reference"
     train(load_config(None, [*TINY, *run_overrides(shards, reference)]))
@@ -101,6 +108,29 @@ def test_dp2_tp2_parity_then_checkpoint_reshards_to_dp2_and_one_process(shards, 
         got = losses(run)
         assert got.keys() == steps
         for step in steps:
+            assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (run.name, step, got, expected)
+
+
+def test_checkpoints_reshard_across_pipeline_sizes(shards, tmp_path):
+    """pp=2 -> one process, and one process -> pp=2: the runs continue like one that never stopped."""
+    two_pass = ("train.step_mode=two_pass",)
+    reference = tmp_path / "reference"
+    train(load_config(None, [*TINY, *run_overrides(shards, reference, *two_pass)]))
+    expected = losses(reference)
+
+    piped = tmp_path / "piped"
+    torchrun(2, WORKER, "train", *run_overrides(shards, piped, *two_pass, "train.max_steps=2", "parallel.pp=2"))
+    train(load_config(None, [*TINY, *run_overrides(shards, piped, *two_pass)]))  # resumes at pp=1
+
+    unpiped = tmp_path / "unpiped"
+    train(load_config(None, [*TINY, *run_overrides(shards, unpiped, *two_pass, "train.max_steps=2")]))
+    torchrun(2, WORKER, "train", *run_overrides(shards, unpiped, *two_pass, "parallel.pp=2",
+                                                 "parallel.pp_schedule=interleaved_1f1b",
+                                                 "parallel.pp_virtual_stages=2"))
+    for run in (piped, unpiped):
+        got = losses(run)
+        assert got.keys() == {1, 2, 3, 4}
+        for step in expected:
             assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (run.name, step, got, expected)
 
 
