@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from parallel.rng import STREAM_CORRECTOR_SAMPLE, STREAM_MASK, STREAM_T, keyed_gumbel, keyed_uniform
 from parallel.tensor import add_vocab_bias, local_scores, vocab_argmax, vocab_cross_entropy, vocab_index, with_local
@@ -82,17 +81,6 @@ def suppress_logits(logits: torch.Tensor, mask_id: int, vocab_size: int) -> torc
     bias[mask_id] = NEG_INF
     bias[vocab_size:] = NEG_INF
     return add_vocab_bias(logits, bias)
-
-
-def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, vocab_size: int) -> torch.Tensor:
-    """SUBS parameterisation (evaluation and sampling): log-probs with the mask suppressed and,
-    at unmasked positions, all mass on the observed token (carry-over)."""
-    logits = logits if logits.dtype == torch.float64 else logits.float()  # fp64 stays fp64 (sampling)
-    log_p = torch.log_softmax(suppress_logits(logits, mask_id, vocab_size), dim=-1)
-    unmasked = (z != mask_id)[..., None]
-    observed = F.one_hot(z, logits.shape[-1]).bool()
-    carry = torch.where(observed, torch.zeros_like(log_p), torch.full_like(log_p, NEG_INF))
-    return torch.where(unmasked, carry, log_p)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pretrain.config import SamplingConfig
-from pretrain.diffusion import NoiseSchedule, subs_log_probs, suppress_logits
+from pretrain.diffusion import NoiseSchedule, suppress_logits
 
 FINAL_EPS = 1e-5  # the official sampler ends at t = 1e-5, not at the training eps
 
@@ -81,7 +81,7 @@ class Sampler:
         self.mask_id, self.vocab_size, self.seq_len = mask_id, vocab_size, seq_len
         self.schedule, self.time_conditioning = schedule, time_conditioning
         self.device = device or next(model.parameters()).device
-        self.dtype = torch.float64 if cfg.float64 else torch.float32
+        self.dtype = torch.float64 if cfg.float64 else torch.float32  # of the sampled probabilities
         self.autocast = autocast
         # Rows of the model's output: the real vocabulary, or more when padded for tensor parallelism.
         head = getattr(getattr(model, "output_layer", None), "linear", None)
@@ -91,20 +91,19 @@ class Sampler:
 
     @torch.no_grad()
     def _logits(self, x: torch.Tensor, rows: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Raw logits of the selected rows; sigma is ignored by a model without time conditioning."""
+        """Raw fp32 logits of the selected rows; sigma is ignored without time conditioning."""
         tokens = x[rows]
         sigmas = torch.full((tokens.shape[0],), sigma, device=x.device)
         if self.autocast is not None:
             with self.autocast:
-                return self.model(tokens, sigmas).to(self.dtype)
-        return self.model(tokens, sigmas).to(self.dtype)
+                return self.model(tokens, sigmas).float()
+        return self.model(tokens, sigmas).float()
 
-    def _denoiser_log_probs(self, x: torch.Tensor, rows: torch.Tensor, sigma: float) -> torch.Tensor:
-        return subs_log_probs(self._logits(x, rows, sigma), x[rows], self.mask_id, self.vocab_size)
-
-    def _corrector_log_probs(self, y: torch.Tensor, rows: torch.Tensor, sigma: float) -> torch.Tensor:
-        # No carry-over: the corrector may change any token of its fully unmasked input.
-        return torch.log_softmax(suppress_logits(self._logits(y, rows, sigma), self.mask_id, self.vocab_size), -1)
+    def _scores(self, x: torch.Tensor, rows: torch.Tensor, sigma: float) -> torch.Tensor:
+        """fp32 logits of the selected rows with the mask and padding suppressed. Softmax is taken
+        only where a position is actually sampled; SUBS's carry-over is applied where it matters
+        (unmasked tokens are kept as they are)."""
+        return suppress_logits(self._logits(x, rows, sigma), self.mask_id, self.vocab_size)
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -121,17 +120,30 @@ class Sampler:
             fixed[:, : prompt.shape[1]] = True
         return x, fixed
 
-    def _corrector_update(self, probs: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _probs(self, scores: torch.Tensor) -> torch.Tensor:
+        """Sampling distribution of some rows of scores: softmax in the sampling dtype (fp64 by
+        default), nucleus-filtered. Only the positions actually sampled are converted."""
+        return nucleus(torch.softmax(scores.to(self.dtype), -1), self.cfg.nucleus_p)
+
+    def _draw(self, scores: torch.Tensor, where: torch.Tensor, fallback: torch.Tensor,
+              generator: torch.Generator) -> torch.Tensor:
+        """A token drawn from softmax(scores) at the positions `where`, `fallback` elsewhere."""
+        out = fallback.clone()
+        if where.any():
+            out[where] = sample_categorical(self._probs(scores[where]), generator)
+        return out
+
+    def _corrector_update(self, scores: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mode = self.cfg.corrector_sampling
-        if mode == "argmax":
-            return probs.argmax(-1)
+        if mode == "argmax":  # the nucleus always keeps the top token: no need to filter
+            return scores.argmax(-1)
         if mode == "sample":
-            return sample_categorical(probs, generator)
+            return self._draw(scores, torch.ones_like(y, dtype=torch.bool), y, generator)
         # select_top_k: change only the k most confident positions where the argmax disagrees with y.
+        probs = self._probs(scores)
         confidence, proposal = probs.max(-1)
         confidence = torch.where(proposal != y, confidence, torch.full_like(confidence, -1.0))
-        k = min(self.cfg.corrector_top_k, y.shape[1])
-        top = confidence.topk(k, dim=-1).indices
+        top = confidence.topk(min(self.cfg.corrector_top_k, y.shape[1]), dim=-1).indices
         chosen = torch.zeros_like(y, dtype=torch.bool).scatter(1, top, True) & (proposal != y)
         return torch.where(chosen, proposal, y)
 
@@ -143,39 +155,41 @@ class Sampler:
         nothing more and changes nothing with argmax updates).
         """
         batch = y.shape[0]
-        log_probs = torch.empty(batch, self.seq_len, self.model_vocab, dtype=self.dtype, device=y.device)
-        fresh = torch.zeros(batch, dtype=torch.bool, device=y.device)  # log_probs[row] belongs to y[row]
+        scores = torch.empty(batch, self.seq_len, self.model_vocab, device=y.device)
+        fresh = torch.zeros(batch, dtype=torch.bool, device=y.device)  # scores[row] belong to y[row]
         for _ in range(self.cfg.corrector_steps):
             need = ~fresh
             if need.any():
-                log_probs[need] = self._corrector_log_probs(y, need, sigma)
+                scores[need] = self._scores(y, need, sigma)
                 nfe[need] += 1
-            proposal = self._corrector_update(nucleus(log_probs.exp(), self.cfg.nucleus_p), y, generator)
-            proposal = torch.where(fixed, y, proposal)  # the prompt stays the corrector's input too
+            proposal = torch.where(fixed, y, self._corrector_update(scores, y, generator))  # the prompt stays
             fresh = (proposal == y).all(-1) if self.cfg.use_cache else torch.zeros_like(fresh)
             y = proposal
-        return y, log_probs
+        return y, scores
 
     # -- ancestral sampling ----------------------------------------------------------------------
 
-    def _posterior_sample(self, probs: torch.Tensor, x: torch.Tensor, t: float, s: float,
+    def _posterior_sample(self, scores: torch.Tensor, x: torch.Tensor, t: float, s: float,
                           generator: torch.Generator) -> torch.Tensor:
         """MDLM's reverse step from t to s: a masked position stays masked with probability
-        mc_s / mc_t, else takes a token drawn from `probs`; unmasked tokens are copied. (The same
-        distribution as sampling q = [probs * (1 - mc_s/mc_t), mc_s/mc_t] in one draw.)"""
+        mc_s / mc_t, else takes a token drawn from its distribution; unmasked tokens are copied.
+        (The same distribution as one draw from q = [p (1 - mc_s/mc_t), mc_s/mc_t].)"""
         mc_t = float(self.schedule.move_chance(torch.tensor(t, dtype=torch.float64)))
         mc_s = float(self.schedule.move_chance(torch.tensor(s, dtype=torch.float64)))
+        masked = x == self.mask_id
         stay = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device) < mc_s / mc_t
-        draw = sample_categorical(probs, generator)
-        return torch.where((x == self.mask_id) & ~stay, draw, x)
+        return self._draw(scores, masked & ~stay, x, generator)
 
     def _ancestral(self, x: torch.Tensor, fixed: torch.Tensor, generator: torch.Generator,
                    progress=None) -> SampleResult:
         cfg, steps, batch = self.cfg, self.cfg.steps, x.shape[0]
         nfe_den = torch.zeros(batch, dtype=torch.long, device=x.device)
         nfe_cor = torch.zeros_like(nfe_den)
-        log_p = torch.empty(batch, self.seq_len, self.model_vocab, dtype=self.dtype, device=x.device)
-        fresh = torch.zeros(batch, dtype=torch.bool, device=x.device)  # log_p[row] belongs to x[row]
+        scores = torch.empty(batch, self.seq_len, self.model_vocab, device=x.device)
+        fresh = torch.zeros(batch, dtype=torch.bool, device=x.device)  # scores[row] belong to x[row]
+        # The denoiser's distribution carries unmasked tokens over (SUBS); a cached corrector
+        # distribution (after a loop, as the official cache) does not.
+        carry = torch.ones(batch, dtype=torch.bool, device=x.device)
         # Reusing a forward is exact only when the network does not see t.
         cache = cfg.use_cache and not self.time_conditioning
         times = torch.linspace(1.0, FINAL_EPS, steps + 1, dtype=torch.float64).tolist()
@@ -184,17 +198,22 @@ class Sampler:
             sigma = float(self.schedule(torch.tensor(t, dtype=torch.float64))[0])
             need = ~fresh
             if need.any():
-                log_p[need] = self._denoiser_log_probs(x, need, sigma)
+                scores[need] = self._scores(x, need, sigma)
                 nfe_den[need] += 1
-            probs = nucleus(log_p.exp(), cfg.nucleus_p)
-            x_next = self._posterior_sample(probs, x, t, s, generator)
+                carry |= need
+            x_next = self._posterior_sample(scores, x, t, s, generator)
             if cfg.corrector_steps > 0 and (i + 1) % cfg.corrector_every == 0 and i + 1 >= cfg.corrector_start_iter:
-                prior = probs.argmax(-1) if cfg.corrector_prior == "argmax" else sample_categorical(probs, generator)
-                y, corrector_log_p = self._corrector_loop(torch.where(fixed, x, prior), fixed, sigma, nfe_cor, generator)
+                kept = (x != self.mask_id) & carry[:, None]
+                if cfg.corrector_prior == "argmax":
+                    prior = torch.where(kept, x, scores.argmax(-1))
+                else:
+                    prior = self._draw(scores, ~kept, x, generator)
+                y, corrector_scores = self._corrector_loop(torch.where(fixed, x, prior), fixed, sigma, nfe_cor,
+                                                           generator)
                 x = write_back(x, y, fixed, self.mask_id)
                 # The unmasking of this step is drawn from the corrector's distribution instead.
-                x_next = self._posterior_sample(nucleus(corrector_log_p.exp(), cfg.nucleus_p), x, t, s, generator)
-                log_p = corrector_log_p
+                x_next = self._posterior_sample(corrector_scores, x, t, s, generator)
+                scores, carry = corrector_scores, torch.zeros_like(carry)
             fresh = (x_next == x).all(-1) if cache else torch.zeros_like(fresh)
             x = x_next
             if progress is not None:
@@ -202,7 +221,7 @@ class Sampler:
         if cfg.denoise_final:
             left = (x == self.mask_id).any(-1)
             if left.any():
-                final = self._denoiser_log_probs(x, left, 0.0).argmax(-1)
+                final = self._scores(x, left, 0.0).argmax(-1)
                 x[left] = torch.where(x[left] == self.mask_id, final, x[left])
                 nfe_den[left] += 1
         return SampleResult(x, nfe_den, nfe_cor)
@@ -232,18 +251,17 @@ class Sampler:
             base, extra = divmod(block, steps_per_block)
             quota = [base + (1 if k < extra else 0) for k in range(steps_per_block)]
             for k in range(steps_per_block):
-                scores = suppress_logits(self._logits(x, all_rows, 0.0), self.mask_id, self.vocab_size)
+                scores = self._scores(x, all_rows, 0.0)
                 nfe_den += 1
                 selectable = (x == self.mask_id) & (positions < hi)
                 if cfg.corrector_steps > 0 and (k + 1) % cfg.corrector_every == 0 and step_index + 1 >= cfg.corrector_start_iter:
                     x, scores = self._block_corrector(x, scores, selectable, fixed, hi, nfe_cor)
                 step_index += 1
                 if cfg.temperature > 0:
-                    probs = torch.softmax(scores.to(self.dtype) / cfg.temperature, -1)
-                    proposal = sample_categorical(probs, generator)
+                    proposal = sample_categorical(torch.softmax(scores.to(self.dtype) / cfg.temperature, -1), generator)
                 else:
                     proposal = scores.argmax(-1)
-                confidence = torch.softmax(scores.double(), -1).gather(-1, proposal[..., None])[..., 0]
+                confidence = (scores.gather(-1, proposal[..., None])[..., 0] - scores.logsumexp(-1)).exp()
                 confidence = torch.where(selectable, confidence, torch.full_like(confidence, -1.0))
                 chosen_index = confidence.topk(quota[k], dim=-1).indices
                 chosen = torch.zeros_like(selectable).scatter(1, chosen_index, True) & selectable
@@ -266,7 +284,7 @@ class Sampler:
         corrected = scores.clone()
         for _ in range(self.cfg.corrector_steps):
             rows = active.nonzero()[:, 0]
-            logits = suppress_logits(self._logits(y, active, 0.0), self.mask_id, self.vocab_size)
+            logits = self._scores(y, active, 0.0)
             nfe[active] += 1
             corrected[rows] = torch.where(editable[rows, :, None], logits, corrected[rows])
             proposal = torch.where(editable[rows], logits.argmax(-1), y[rows])

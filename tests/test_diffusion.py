@@ -8,7 +8,7 @@ import torch
 from parallel.rng import keyed_uniform
 from pretrain.config import DiffusionConfig
 from pretrain.diffusion import (NoiseSchedule, Noised, corrector_input, loss_weight, mask_tokens, proseco_losses,
-                                sample_t, subs_log_probs, suppress_logits)
+                                sample_t, suppress_logits)
 
 MASK = 3
 VOCAB = 4
@@ -157,13 +157,3 @@ def test_keyed_uniform_is_uniform_and_distinct_per_stream():
     assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 0.01
     big = keyed_uniform(0, 1, torch.tensor([2**40 + 5, 5]))
     assert big[0] != big[1]  # the high word of 64-bit positions matters
-
-
-def test_subs_parameterisation():
-    logits = torch.tensor([LOGITS_ZT])
-    log_p = subs_log_probs(logits, torch.tensor([ZT]), MASK, VOCAB)
-    p = log_p.exp()
-    assert torch.allclose(p.sum(-1), torch.ones(1, 3))
-    assert p[0, 1, 2] == 1.0  # carry-over at the unmasked position
-    assert torch.all(p[..., MASK] == 0)  # the mask is never predicted
-    assert p[0, 0].tolist()[:3] == pytest.approx([math.exp(v) for v in log_softmax(LOGITS_ZT[0])], rel=1e-6)
