@@ -11,6 +11,7 @@ batches and draws the same masks.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,14 @@ def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh | None:
         return None
     shape = (layout.pp, layout.dp, 1, layout.tp) if layout.replicate else (layout.pp, 1, layout.dp, layout.tp)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=("pp", *DP_DIMS, "tp"))
-    mesh[DP_DIMS]._flatten("dp")  # one group over all data-parallel ranks, for loss and metric sums
+    # One group over all data-parallel ranks (both dp dimensions), for loss and metric sums.
+    _FLAT_DP[mesh] = mesh[DP_DIMS]._flatten("dp")
     return mesh
+
+
+_FLAT_DP: "weakref.WeakKeyDictionary[DeviceMesh, DeviceMesh]" = weakref.WeakKeyDictionary()
 
 
 def dp_group(mesh: DeviceMesh | None):
     """Process group of the data-parallel ranks sharing this rank's tp/pp coordinates (None: one process)."""
-    return None if mesh is None else mesh["dp"].get_group()
+    return None if mesh is None else _FLAT_DP[mesh].get_group()

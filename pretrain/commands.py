@@ -12,13 +12,17 @@ from pathlib import Path
 from pretrain.config import load_config, split_config_args
 
 
-def _train(args: argparse.Namespace) -> None:
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the same command to resume
+
+
+def _train(args: argparse.Namespace) -> int:
     from pretrain.train import train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     result = train(load_config(*split_config_args(args.config, args.overrides)))
     if result and args.print_result:
         print(json.dumps(result))
+    return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
 
 
 def _sampling_overrides(args: argparse.Namespace) -> dict:
