@@ -494,7 +494,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         need(sum(p.pp_layers_per_stage) == m.n_layers and min(p.pp_layers_per_stage, default=0) >= 1,
              f"parallel.pp_layers_per_stage must be positive and sum to model.n_layers={m.n_layers}")
     else:
-        need(m.n_layers % stages == 0 if p.pp > 1 else True,
+        need(p.pp == 1 or m.n_layers % stages == 0,
              f"model.n_layers={m.n_layers} is not divisible by pp * pp_virtual_stages = {stages}; "
              "change n_layers or give parallel.pp_layers_per_stage")
     need(p.pp_schedule != "interleaved_1f1b" or p.pp == 1 or p.pp_virtual_stages >= 2,
@@ -515,6 +515,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         accum = data.global_batch_size // per_step
         need(accum >= p.pp, f"with parallel.pp={p.pp} each rank needs at least pp micro-batches per step, it has "
              f"{accum}; raise data.global_batch_size or lower data.micro_batch_size")
+        need(p.pp_schedule != "interleaved_1f1b" or accum % p.pp == 0,
+             f"parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step ({accum}) to be a multiple of "
+             f"parallel.pp={p.pp}; change data.global_batch_size or data.micro_batch_size")
 
     need(o.lr > 0, "optim.lr must be positive")
     need(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
