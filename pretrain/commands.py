@@ -57,7 +57,7 @@ def _sample(args: argparse.Namespace) -> None:
                       seq_len=cfg.model.seq_len, schedule=NoiseSchedule(cfg.diffusion),
                       time_conditioning=cfg.model.time_conditioning, device=device)
     num_samples = args.num_samples or sampling.num_samples
-    result = sampler.sample(num_samples)
+    result = sampler.sample(num_samples, prompt=prompt)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

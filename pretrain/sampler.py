@@ -246,7 +246,7 @@ class Sampler:
         positions = torch.arange(self.seq_len, device=x.device)
         step_index = 0
         for b in range(num_blocks):
-            lo, hi = start + b * block, start + (b + 1) * block
+            hi = start + (b + 1) * block  # end of the current block
             # Unmask an even share of the block per step, the remainder in the first steps (as LLaDA).
             base, extra = divmod(block, steps_per_block)
             quota = [base + (1 if k < extra else 0) for k in range(steps_per_block)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import signal
 import time
@@ -38,7 +37,6 @@ from pretrain.optim import EMA, EMAWeights, Optimizers, lr_factor
 from pretrain.step import Objective, compute_losses, pipelined_losses
 from tokenizer.errors import UserError
 
-log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):

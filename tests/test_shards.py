@@ -157,6 +157,7 @@ def test_same_seed_gives_identical_bytes_with_any_worker_count(workdir, smiles_c
     options = dict(line_documents=True, val_fraction=0.1, samples_per_shard=100)
     one = shard_corpus(str(smiles_corpus), char.folder, 24, workdir / "det1", workers=1, seed=7, **options)
     two = shard_corpus(str(smiles_corpus), char.folder, 24, workdir / "det2", workers=2, seed=7, **options)
+    assert two.fingerprint == one.fingerprint
     assert (workdir / "det1" / MANIFEST).read_bytes() == (workdir / "det2" / MANIFEST).read_bytes()
     for split in ("train", "val"):
         for info in one.splits[split].shards:

@@ -130,9 +130,10 @@ def test_sample_command_from_checkpoint(shards, tmp_path):
     train(tiny_config(shards, tmp_path / "run", "train.max_steps=3"))
     out = tmp_path / "samples.jsonl"
     code = cli_main(["sample", "--checkpoint", str(tmp_path / "run"), "--num-samples", "3", "--steps", "8",
-                     "--corrector-steps", "2", "--out", str(out), "--denoise-final"])
+                     "--corrector-steps", "2", "--out", str(out), "--denoise-final", "--prompt", "the king"])
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["text"].startswith("the king") for r in rows)  # the prompt stays the prefix
     assert len(rows) == 3 and all(r["nfe_total"] == r["nfe_denoiser"] + r["nfe_corrector"] for r in rows)
     assert all(r["nfe_corrector"] >= 8 for r in rows)  # a loop after each of the 8 steps
     model, cfg, tokenizer = load_model(tmp_path / "run")
