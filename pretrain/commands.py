@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pretrain.config import load_config, split_config_args
@@ -41,6 +42,7 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
 
 def _sample(args: argparse.Namespace) -> None:
     import torch
+    from rich.progress import Progress
 
     from pretrain.checkpoint import load_model
     from pretrain.config import validate
@@ -57,7 +59,10 @@ def _sample(args: argparse.Namespace) -> None:
                       seq_len=cfg.model.seq_len, schedule=NoiseSchedule(cfg.diffusion),
                       time_conditioning=cfg.model.time_conditioning, device=device)
     num_samples = args.num_samples or sampling.num_samples
-    result = sampler.sample(num_samples, prompt=prompt)
+    batches = -(-num_samples // sampling.batch_size)
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:  # rank 0 is the only rank here
+        task = bar.add_task("sampling", total=batches * sampling.steps)
+        result = sampler.sample(num_samples, prompt=prompt, progress=lambda step, total, x: bar.advance(task))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -80,6 +85,7 @@ def _int_list(text: str) -> list[int]:
 def _eval(args: argparse.Namespace) -> None:
     """Validation NELBO and corrector loss of a checkpoint, plus sample quality with --samples."""
     import torch
+    from rich.progress import Progress
 
     from pretrain.checkpoint import load_model
     from pretrain.sweep import GridPoint, evaluate_checkpoint, run_grid, summary_markdown

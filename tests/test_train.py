@@ -169,3 +169,14 @@ def test_sigterm_to_the_whole_job_saves_and_exits_cleanly(shards, tmp_path):
     step = int(saved.name.split("_")[1])
     result = train(tiny_config(shards, run_dir, f"train.max_steps={step + 2}"))
     assert result["step"] == step + 2
+
+
+def test_bf16_autocast_and_offline_wandb(shards, tmp_path, monkeypatch):
+    """bf16 autocast trains (weights and LayerNorm stay fp32); wandb offline needs no network."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = train(tiny_config(shards, tmp_path / "run", "train.precision=bf16", "train.max_steps=2",
+                               "logging.wandb=offline", "train.eval_every=0"))
+    losses = train_losses(tmp_path / "run")
+    assert len(losses) == 2 and all(v == v and abs(v) < 1e3 for v in losses.values())
+    assert result["mdlm_nelbo"] == result["mdlm_nelbo"]
+    assert any((tmp_path / "run" / "wandb").glob("offline-run-*"))
