@@ -17,7 +17,7 @@ from tokenizer import shard as shard_module
 from tokenizer.cli import add_commands
 from tokenizer.corpora import CorpusError, iter_documents
 from tokenizer.errors import UserError
-from tokenizer.format import MANIFEST, ShardReader, read_manifest
+from tokenizer.format import MANIFEST, ShardReader, read_manifest, write_shard
 from tokenizer.shard import ShardingError, shard_corpus, verify_shards
 from tokenizer.tokenizers import CONFIG_FILE, TokenizerError, UnknownCharacterError, load_tokenizer
 from tokenizer.train import OutputExistsError, train_tokenizer
@@ -295,3 +295,23 @@ def test_cli_shard_one_line_error(tmp_path, bpe):
     assert main(["tokenizer", "shard", "--corpus", "moses", "--tokenizer", str(bpe.folder), "--seq-len", "8",
                  "--out", str(tmp_path / "out"), "--val-fraction", "0.5"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seq_len, dtype, count, first_key", [(64, "uint16", 300, 0), (33, "uint32", 77, 999_999_000_000),
+                                                               (128, "uint16", 1, 4096)])
+def test_fast_shard_writer_is_byte_identical_to_webdataset(tmp_path, seq_len, dtype, count, first_key):
+    """The vectorised writer produces exactly the tar webdataset's TarWriter writes."""
+    import io
+    import tarfile as tar
+
+    samples = np.random.default_rng(seq_len).integers(0, 60_000, (count, seq_len)).astype(dtype)
+    reference = io.BytesIO()
+    writer = wds.TarWriter(reference, mtime=0, format=tar.USTAR_FORMAT, encoder=False)
+    for i, row in enumerate(samples):
+        buffer = io.BytesIO()
+        np.save(buffer, row, allow_pickle=False)
+        writer.write({"__key__": f"{first_key + i:012d}", "tokens.npy": buffer.getvalue()})
+    writer.close()
+    info = write_shard(tmp_path / "shard.tar", samples, first_key)
+    assert (tmp_path / "shard.tar").read_bytes() == reference.getvalue()
+    assert info.bytes == len(reference.getvalue()) and info.samples == count
