@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml requirements/no-deps.txt
 	touch $@
 
 data/shakespeare/tokenizer/tokenizer.json: | $(VENV)/.installed
-	$(VENV)/bin/proseco tokenizer train --corpus shakespeare --kind bpe --vocab-size 2048 --out data/shakespeare/tokenizer
+	$(VENV)/bin/proseco tokenizer train --corpus shakespeare --kind char --out data/shakespeare/tokenizer
 
 data/shakespeare/shards/manifest.json: data/shakespeare/tokenizer/tokenizer.json
 	$(VENV)/bin/proseco tokenizer shard --corpus shakespeare --tokenizer data/shakespeare/tokenizer --seq-len 128 --out data/shakespeare/shards

@@ -25,7 +25,7 @@ from pretrain.model import DiT, ModelShape
 from pretrain.sampler import Sampler
 
 CONFIG = "configs/shakespeare.yaml"
-VOCAB, SEQ_LEN, BATCH, STEPS = 2048, 128, 16, 32
+VOCAB, SEQ_LEN, BATCH, STEPS = 128, 128, 16, 32  # the default char model (vocabulary padded to 128)
 
 
 def _forward_seconds(model, rounds: int = 9) -> float:

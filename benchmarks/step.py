@@ -27,7 +27,7 @@ from pretrain.model import DiT, ModelShape, forward_flops_per_sequence
 from pretrain.step import Objective, compute_losses
 
 CONFIG = "configs/shakespeare.yaml"
-VOCAB, SEQ_LEN = 2048, 128
+VOCAB, SEQ_LEN = 128, 128  # the default char model: ~70 characters, padded to a multiple of 64
 ROUNDS = 7
 
 
