@@ -46,7 +46,7 @@ def shards(tmp_path_factory) -> Path:
 def overrides(shards: Path, run_dir: Path, steps: int) -> list[str]:
     return [f"data.shards={shards}", f"logging.run_dir={run_dir}", "model.d_model=32", "model.n_layers=2",
             "model.n_heads=2", "model.cond_dim=16", "data.global_batch_size=8", "data.micro_batch_size=4",
-            "data.num_workers=1", "train.eval_every=0", "train.eval_batches=1", "checkpoint.every=0",
+            "data.num_workers=0", "train.eval_every=0", "train.eval_batches=1", "checkpoint.every=0",
             "logging.log_every=1", "logging.progress=false", "sampling.num_samples=2", "sampling.batch_size=2",
             "sampling.steps=2", f"train.max_steps={steps}", "parallel.timeout_s=120"]
 
@@ -65,7 +65,7 @@ def job(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", text))
 
 
-def wait_for(job_id: str, timeout: float = 300) -> dict[str, str]:
+def wait_for(job_id: str, timeout: float = 900) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = job(job_id)
