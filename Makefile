@@ -26,7 +26,7 @@ data/shakespeare/tokenizer/tokenizer.json: | $(VENV)/.installed
 	$(VENV)/bin/proseco tokenizer train --corpus shakespeare --kind char --out data/shakespeare/tokenizer
 
 data/shakespeare/shards/manifest.json: data/shakespeare/tokenizer/tokenizer.json
-	$(VENV)/bin/proseco tokenizer shard --corpus shakespeare --tokenizer data/shakespeare/tokenizer --seq-len 128 --out data/shakespeare/shards
+	$(VENV)/bin/proseco tokenizer shard --corpus shakespeare --tokenizer data/shakespeare/tokenizer --seq-len 128 --packing pack --out data/shakespeare/shards
 
 data: data/shakespeare/shards/manifest.json
 
