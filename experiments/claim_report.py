@@ -68,6 +68,12 @@ def _f(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _ratio(baseline_nfe: float, proseco_nfe: float) -> str:
+    if proseco_nfe <= baseline_nfe:
+        return f"{baseline_nfe / proseco_nfe:.2f}x fewer NFEs than the baseline"
+    return f"{proseco_nfe / baseline_nfe:.2f}x more NFEs than the baseline"
+
+
 def report(corpus: str, runs: Path) -> str:
     metric, higher, guards = HEADLINE[corpus]
     better = (lambda a, b: a >= b) if higher else (lambda a, b: a <= b)
@@ -98,7 +104,7 @@ def report(corpus: str, runs: Path) -> str:
         first = matching[0]
         lines.append(f"Fewest NFEs at which a ProSeCo setting matches it: {_f(first['nfe_total'], 1)} "
                      f"(T = {first['steps']}, S = {first['corrector_steps']}, omega = {first['corrector_every']}; "
-                     f"{metric} {_f(first[metric])}), i.e. {best['nfe_total'] / first['nfe_total']:.2f}x fewer NFEs.")
+                     f"{metric} {_f(first[metric])}): " + _ratio(best["nfe_total"], first["nfe_total"]) + ".")
     else:
         lines.append("No ProSeCo setting in the grid matches it.")
     lines += ["", "## ProSeCo against the MDLM curve at equal NFE", "",

@@ -220,7 +220,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
 
     path = resolve_checkpoint(path)
     meta = read_meta(path)
-    cfg: RunConfig = load_config_dict(meta["config"])
+    cfg: RunConfig = load_config_dict(meta["config"], drop_unknown=True)
     shape = ModelShape(vocab_size=padded_vocab_size(cfg.model, cfg.model.vocab_size), seq_len=cfg.model.seq_len)
     model = DiT(cfg.model, shape)
     weights = dict(model.named_parameters())

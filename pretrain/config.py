@@ -16,6 +16,7 @@ import inspect
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -314,12 +315,29 @@ def split_config_args(config: str | None, overrides: list[str]) -> tuple[str | N
     return config, list(overrides)
 
 
-def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """A RunConfig from an already parsed mapping (e.g. the config saved in a checkpoint)."""
+def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                     drop_unknown: bool = False) -> RunConfig:
+    """A RunConfig from an already parsed mapping (e.g. the config saved in a checkpoint).
+
+    drop_unknown: ignore (with a warning) fields this version does not know, so that a checkpoint
+    saved by an older version, whose config had fields since removed, still loads.
+    """
     raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy overrides can change
+    if drop_unknown:
+        _drop_unknown(RunConfig, raw, prefix="")
     for override in overrides:
         _apply_override(raw, override)
     return _build(RunConfig, raw, prefix="")
+
+
+def _drop_unknown(cls: type, raw: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key in list(raw):
+        if key not in hints:
+            warnings.warn(f"ignoring config field {prefix}{key}, unknown to this version")
+            del raw[key]
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(raw[key], dict):
+            _drop_unknown(hints[key], raw[key], prefix=f"{prefix}{key}.")
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:

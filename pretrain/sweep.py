@@ -78,8 +78,9 @@ class Scorer:
 
     def texts(self, tokens: torch.Tensor) -> list[str]:
         # A SMILES sample is one padded document (BOS ... EOS PAD...); text samples are decoded whole.
-        decode = self.tokenizer.decode_document if self.smiles else self.tokenizer.decode
-        return [decode(ids) for ids in tokens.tolist()]
+        if self.smiles:  # strict: a stray PAD or mask inside a molecule makes it invalid
+            return [self.tokenizer.decode_document(ids, strict=True) for ids in tokens.tolist()]
+        return [self.tokenizer.decode(ids) for ids in tokens.tolist()]
 
     def score(self, tokens: torch.Tensor) -> dict:
         texts = self.texts(tokens)

@@ -114,3 +114,15 @@ def test_cli_prints_one_line_error_and_exit_code_2():
     ok = subprocess.run([sys.executable, "-m", "pretrain.cli", "config", "show", "model.n_layers=3"],
                         capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["model"]["n_layers"] == 3
+
+
+def test_configs_saved_by_older_versions_still_load():
+    from pretrain.config import load_config_dict
+
+    old = to_dict(RunConfig())
+    old["parallel"]["engine"] = "native"  # a field an earlier version had
+    with pytest.warns(UserWarning, match="ignoring config field parallel.engine"):
+        cfg = load_config_dict(old, drop_unknown=True)
+    assert cfg == RunConfig()
+    with pytest.raises(ConfigError, match="unknown config field parallel.engine"):
+        load_config_dict(old)

@@ -344,3 +344,17 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("proseco: error: corpus") and "absent" in lines[0]
     assert not (tmp_path / "tok").exists()
+
+
+def test_strict_document_decoding_rejects_gaps(tmp_path):
+    from tokenizer.train import train_tokenizer
+
+    corpus = tmp_path / "smiles.txt"
+    corpus.write_text("CCO\n\nc1ccccc1\n")
+    tok = train_tokenizer(str(corpus), "char", tmp_path / "tok")
+    ids = [tok.bos_id, *tok.encode("CC"), tok.pad_id, *tok.encode("O"), tok.eos_id, tok.pad_id]
+    assert tok.decode_document(ids) == "CCO"  # lenient: the stray PAD is dropped
+    assert tok.decode_document(ids, strict=True) == ""  # strict: not a molecule
+    clean = [tok.bos_id, *tok.encode("CCO"), tok.eos_id, tok.pad_id, tok.pad_id]
+    assert tok.decode_document(clean, strict=True) == "CCO"
+    assert tok.decode_document([tok.bos_id, *tok.encode("C"), tok.mask_id], strict=True) == ""

@@ -105,13 +105,20 @@ class Tokenizer(ABC):
         parts.append(self._decode_plain(run))
         return "".join(parts)
 
-    def decode_document(self, ids: Iterable[int]) -> str:
-        """The document in a sample: after an optional leading BOS, up to the first EOS, PAD dropped."""
+    def decode_document(self, ids: Iterable[int], strict: bool = False) -> str:
+        """The document in a sample: after an optional leading BOS, up to the first EOS, PAD dropped.
+
+        strict: a document with a special id inside it (PAD, BOS or a leftover mask before the EOS)
+        is not a document: return "" rather than text glued together around the gap (a sampled
+        SMILES must not become valid by dropping a stray PAD).
+        """
         ids = _as_int_list(ids)
         if ids and ids[0] == self.bos_id:
             ids = ids[1:]
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
+        if strict and any(i in (self.pad_id, self.bos_id, self.mask_id) for i in ids):
+            return ""
         return self.decode(ids)
 
 
