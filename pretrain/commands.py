@@ -85,7 +85,6 @@ def _int_list(text: str) -> list[int]:
 def _eval(args: argparse.Namespace) -> None:
     """Validation NELBO and corrector loss of a checkpoint, plus sample quality with --samples."""
     import torch
-    from rich.progress import Progress
 
     from pretrain.checkpoint import load_model
     from pretrain.sweep import GridPoint, evaluate_checkpoint, run_grid, summary_markdown

@@ -30,11 +30,12 @@ from pretrain.checkpoint import (Checkpointer, CheckpointError, app_state, lates
                                  load_model)
 from pretrain.config import RunConfig, grad_accum_steps, padded_vocab_size, save_config, to_dict, validate
 from pretrain.data import TrainLoader, eval_batches, open_shards
-from pretrain.evaluate import sample_report, validation_metrics
+from pretrain.evaluate import validation_metrics
 from pretrain.metrics import MetricsLogger, Throughput, plot_losses
 from pretrain.model import DiT, ModelShape, count_parameters, forward_flops_per_sequence
 from pretrain.optim import EMA, EMAWeights, Optimizers, lr_factor
 from pretrain.step import Objective, compute_losses, pipelined_losses
+from pretrain.sweep import sample_report
 from tokenizer.errors import UserError
 
 
