@@ -142,10 +142,11 @@ class Checkpointer:
         if self.async_save:
             # Tensors are staged to memory before the future is returned; training may then
             # change them. The rename happens once every rank has written (wait()/poll()).
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
+                                    no_dist=not dist.is_initialized())
             self._pending = (future, final, meta)
             return final
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         self._finalize(final, meta)
         return final
 
@@ -191,7 +192,7 @@ class Checkpointer:
         meta = read_meta(path)
         if not meta.get("has_ema", False):
             state.pop("ema", None)  # saved without EMA: the EMA restarts from the loaded weights
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         return meta
 
 
