@@ -11,12 +11,14 @@ and is removed at the next start. The RNG needs no saved state: every random dra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -63,6 +65,15 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def _single_process_quietly():
+    """DCP warns at every single-process save and load that it assumes one process, even when
+    told so (no_dist=True); in a one-process run that is the intent, not news."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier() -> None:
@@ -142,11 +153,13 @@ class Checkpointer:
         if self.async_save:
             # Tensors are staged to memory before the future is returned; training may then
             # change them. The rename happens once every rank has written (wait()/poll()).
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
-                                    no_dist=not dist.is_initialized())
+            with _single_process_quietly():
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
+                                        no_dist=not dist.is_initialized())
             self._pending = (future, final, meta)
             return final
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        with _single_process_quietly():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         self._finalize(final, meta)
         return final
 
@@ -192,7 +205,8 @@ class Checkpointer:
         meta = read_meta(path)
         if not meta.get("has_ema", False):
             state.pop("ema", None)  # saved without EMA: the EMA restarts from the loaded weights
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        with _single_process_quietly():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         return meta
 
 
@@ -227,7 +241,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
     weights = dict(model.named_parameters())
     key = "ema" if use_ema and meta.get("has_ema", False) else "model"
     # no_dist: this process reads every shard itself, also inside a multi-process job.
-    dcp.load({key: weights}, checkpoint_id=str(path), no_dist=True)
+    with _single_process_quietly():
+        dcp.load({key: weights}, checkpoint_id=str(path), no_dist=True)
     return model.to(device).eval(), cfg, load_tokenizer(path / "tokenizer")
 
 
@@ -243,7 +258,8 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
     if meta.get("has_ema", False):
         shadow = {name: torch.empty_like(p) for name, p in tensors.items()}
-        dcp.load({"ema": shadow}, checkpoint_id=str(path), no_dist=True)
+        with _single_process_quietly():
+            dcp.load({"ema": shadow}, checkpoint_id=str(path), no_dist=True)
         tensors.update({f"ema.{name}": t for name, t in shadow.items()})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
