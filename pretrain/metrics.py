@@ -22,6 +22,7 @@ class MetricsLogger:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool, total_steps: int, start_step: int):
         self.enabled = enabled
+        self.total_steps = total_steps
         self.cfg: LoggingConfig = cfg.logging
         self.path = run_dir / METRICS_FILE
         self._wandb = None
@@ -45,9 +46,16 @@ class MetricsLogger:
             self._wandb.log({f"{split}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
                              and k not in ("step", "split")}, step=record["step"])
 
-    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
-        if self.enabled and self._progress is not None:
+    def progress(self, step: int, loss: float, tokens_per_s: float, seconds_per_step: float) -> None:
+        """The progress bar on a terminal; a plain line (for job logs) when stderr is not one."""
+        if not (self.enabled and self.cfg.progress):
+            return
+        if self._progress is not None:
             self._progress.update(step, loss, tokens_per_s)
+            return
+        eta = (self.total_steps - step) * seconds_per_step
+        print(f"step {step}/{self.total_steps}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+              f"eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
 
     def print(self, message: str) -> None:
         if not self.enabled:

@@ -230,7 +230,7 @@ class Trainer:
                     record.update(step=step, split="train", tokens_seen=self.state.tokens_seen, tokens_per_s=tps,
                                   tflops_per_s=tps / tokens_per_step * self.flops_per_step / 1e12)
                     self.logger.log(record)
-                    self.logger.progress(step, record["loss"], tps)
+                    self.logger.progress(step, record["loss"], tps, tokens_per_step / max(tps, 1e-9))
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                     self._validate()
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
