@@ -6,17 +6,22 @@
 #
 # Stages (each is idempotent, so rerunning the same command continues where it stopped):
 #   data   tokenizers + shards under data/claim/ (skipped when the manifest exists)
-#   train  the MDLM and the ProSeCo model of each corpus (runs/claim/NAME; resumes from the latest
+#   train  the MDLM and the ProSeCo model of each corpus ($RUNS/NAME; resumes from the latest
 #          checkpoint, a finished run returns at once)
-#   sweep  validation metrics of every model (runs/claim/eval-NAME.json), then samples every model
-#          over steps x corrector settings -> runs/claim/sweep-CORPUS/ (sweep.csv, sweep.md,
-#          sweep.png); a finished per-model sweep is not redone
-#   report runs/claim/claim-CORPUS.md: training cost of both runs and the claim's comparisons
+#   sweep  validation metrics of every model ($RUNS/eval-NAME.json), then samples every model over
+#          steps x corrector settings -> $RUNS/sweep-CORPUS[-pP]/ (sweep.csv, sweep.md, sweep.png),
+#          once per nucleus p; the ProSeCo checkpoint at half the steps (kept by checkpoint.keep_every)
+#          is swept too, as CORPUS-proseco@STEP: it cost the MDLM run's training FLOPs. A finished
+#          per-model sweep is not redone
+#   report $RUNS/claim-CORPUS[-pP].md: training cost of the runs and the claim's comparisons
 #
 # Environment:
+#   RUNS=runs/claim folder of the runs, evaluations, sweeps and reports
 #   JOBS=2          training runs / per-model sweeps at once (each with THREADS threads)
 #   THREADS=1       OMP threads per process (JOBS x THREADS should match the cores)
 #   NUM_SAMPLES     samples per grid point (default 256 for MOSES, 64 for Shakespeare)
+#   NUCLEUS=1.0     nucleus (top-p) values to sweep, e.g. 1.0,0.9 (1.0: the official molecule evaluation;
+#                   0.9: the official OWT evaluation)
 #   OMEGAS=1        corrector frequencies omega to sweep, e.g. 1,2 (each omega adds a grid per S > 0)
 #   TRAIN_OVERRIDES extra section.field=value overrides for every training run (e.g. train.max_steps=100)
 set -euo pipefail
@@ -28,6 +33,8 @@ CORPORA=${*:-moses shakespeare}
 JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
 PROSECO=${PROSECO:-.venv/bin/proseco}
+RUNS=${RUNS:-runs/claim}
+NUCLEUS=${NUCLEUS:-1.0}
 export OMP_NUM_THREADS=$THREADS
 
 data() {
@@ -49,40 +56,60 @@ data() {
   esac
 }
 
-train_one() {  # NAME: one training run, logged to runs/claim/NAME.log; wall seconds in NAME.seconds
+train_one() {  # NAME: one training run, logged to $RUNS/NAME.log; wall seconds in NAME.seconds
   local name=$1 start
-  mkdir -p runs/claim
-  [[ -f runs/claim/$name/.done ]] && return
-  echo "train $name (log runs/claim/$name.log)"
+  mkdir -p "$RUNS"
+  [[ -f $RUNS/$name/.done ]] && return
+  echo "train $name (log $RUNS/$name.log)"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  $PROSECO train experiments/configs/$name.yaml ${TRAIN_OVERRIDES:-} >> runs/claim/$name.log 2>&1
+  $PROSECO train experiments/configs/$name.yaml logging.run_dir="$RUNS/$name" ${TRAIN_OVERRIDES:-} \
+    >> "$RUNS/$name.log" 2>&1
   # Appended per invocation: a run resumed after an interruption sums its sittings.
-  echo $(( $(date +%s) - start )) >> runs/claim/$name.seconds
-  touch runs/claim/$name/.done
+  echo $(( $(date +%s) - start )) >> "$RUNS/$name.seconds"
+  touch "$RUNS/$name/.done"
 }
 
-sweep_one() {  # CORPUS NAME: the grid for one model
-  local corpus=$1 name=$2 samples steps corrector
+sweep_dir() {  # CORPUS P: the sweep folder of one nucleus value (plain for p = 1)
+  if [[ $2 == 1 || $2 == 1.0 ]]; then echo "$RUNS/sweep-$1"; else echo "$RUNS/sweep-$1-p$2"; fi
+}
+
+sweep_one() {  # CORPUS P LABEL CHECKPOINT: the grid for one model at one nucleus value
+  local corpus=$1 p=$2 label=$3 checkpoint=$4 samples steps corrector out
   # Samples x forwards is the cost: 256 molecules of 32 tokens, 64 Shakespeare samples of 64 characters.
   if [[ $corpus == moses ]]; then samples=${NUM_SAMPLES:-256}; steps=4,8,16,32,64; corrector=0,1,2,4
   else samples=${NUM_SAMPLES:-64}; steps=8,16,32,64; corrector=0,1,2; fi
-  local out=runs/claim/sweep-$corpus/$name
+  out=$(sweep_dir "$corpus" "$p")/$label
   [[ -f $out/sweep.csv ]] && return
-  echo "eval $name -> runs/claim/eval-$name.json"
-  $PROSECO eval --checkpoint runs/claim/$name --batches 64 --out runs/claim/eval-$name.json \
-    > runs/claim/eval-$name.log 2>&1
-  echo "sweep $name -> $out"
-  $PROSECO sweep --checkpoint runs/claim/$name --steps $steps --corrector-steps $corrector \
-    --corrector-every "${OMEGAS:-1}" --num-samples "$samples" --batch-size "$samples" --out "$out" \
-    > runs/claim/sweep-$corpus-$name.log 2>&1
+  mkdir -p "$(dirname "$out")"
+  echo "sweep $label (nucleus $p) -> $out"
+  $PROSECO sweep --checkpoint "$checkpoint" --label "$label" --steps $steps --corrector-steps $corrector \
+    --corrector-every "${OMEGAS:-1}" --nucleus-p "$p" --num-samples "$samples" --batch-size "$samples" \
+    --out "$out" > "$out.log" 2>&1
+}
+
+eval_one() {  # NAME: validation NELBO and corrector loss of a finished run
+  [[ -f $RUNS/eval-$1.json ]] && return
+  echo "eval $1 -> $RUNS/eval-$1.json"
+  $PROSECO eval --checkpoint "$RUNS/$1" --batches 64 --out "$RUNS/eval-$1.json" > "$RUNS/eval-$1.log" 2>&1
+}
+
+sweep_jobs() {  # CORPUS: one line per sweep "corpus p label checkpoint", the longest first
+  local corpus=$1 p half
+  half=$(( $(sed -n 's/^  max_steps: *//p' "$RUNS/$corpus-proseco/config.yaml") / 2 ))
+  for p in ${NUCLEUS//,/ }; do
+    echo "$corpus $p $corpus-proseco $RUNS/$corpus-proseco"
+    echo "$corpus $p $corpus-mdlm $RUNS/$corpus-mdlm"
+    local kept=$RUNS/$corpus-proseco/checkpoints/$(printf 'step_%08d' "$half")
+    [[ -d $kept ]] && echo "$corpus $p $corpus-proseco@$half $kept"
+  done
 }
 
 # Longest runs first, so JOBS parallel lanes finish close together.
 names() { for corpus in $CORPORA; do echo "$corpus-proseco"; done; for corpus in $CORPORA; do echo "$corpus-mdlm"; done; }
 
-export -f train_one sweep_one
-export PROSECO TRAIN_OVERRIDES NUM_SAMPLES OMEGAS
+export -f train_one sweep_one sweep_dir eval_one
+export PROSECO RUNS TRAIN_OVERRIDES NUM_SAMPLES OMEGAS
 
 if [[ $STAGE == all || $STAGE == data ]]; then
   for corpus in $CORPORA; do data "$corpus"; done
@@ -95,14 +122,23 @@ fi
 if [[ $STAGE == all || $STAGE == sweep ]]; then
   for corpus in $CORPORA; do
     start=$(date +%s)
-    printf '%s\n' "$corpus-mdlm" "$corpus-proseco" | xargs -P "$JOBS" -I{} bash -c "sweep_one $corpus {}"
-    $PROSECO sweep --merge runs/claim/sweep-$corpus/$corpus-mdlm runs/claim/sweep-$corpus/$corpus-proseco \
-      --out runs/claim/sweep-$corpus
+    printf '%s\n' "$corpus-mdlm" "$corpus-proseco" | xargs -P "$JOBS" -I{} bash -c 'eval_one {}'
+    sweep_jobs "$corpus" | xargs -P "$JOBS" -L1 bash -c 'sweep_one "$@"' _
+    for p in ${NUCLEUS//,/ }; do
+      dir=$(sweep_dir "$corpus" "$p")
+      # shellcheck disable=SC2046
+      $PROSECO sweep --merge $(find "$dir" -mindepth 2 -maxdepth 2 -name sweep.csv -printf '%h\n' | sort) --out "$dir" \
+        --title "$corpus, nucleus p = $p" > "$dir.log" 2>&1
+    done
     echo "sweep of $corpus done in $(( $(date +%s) - start )) s"
   done
 fi
 if [[ $STAGE == all || $STAGE == sweep || $STAGE == report ]]; then
   for corpus in $CORPORA; do
-    .venv/bin/python -m experiments.claim_report --corpus "$corpus" --runs runs/claim --out runs/claim/claim-$corpus.md
+    for p in ${NUCLEUS//,/ }; do
+      dir=$(sweep_dir "$corpus" "$p")
+      .venv/bin/python -m experiments.claim_report --corpus "$corpus" --runs "$RUNS" --sweep "$dir/sweep.csv" \
+        --out "$RUNS/claim-${dir##*/sweep-}.md"
+    done
   done
 fi

@@ -116,9 +116,9 @@ def read_meta(path: Path) -> dict:
 class Checkpointer:
     """Saves and finds checkpoints in one run's `checkpoints/` folder."""
 
-    def __init__(self, folder: str | Path, keep_last: int = 3, async_save: bool = False):
+    def __init__(self, folder: str | Path, keep_last: int = 3, async_save: bool = False, keep_every: int = 0):
         self.folder = Path(folder)
-        self.keep_last = keep_last
+        self.keep_last, self.keep_every = keep_last, keep_every
         self.async_save = async_save
         self._pending: tuple[Future, Path, dict] | None = None
         # Background saves talk over their own group, so they never interleave with training
@@ -193,8 +193,12 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             for old in list_checkpoints(self.folder)[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if not self._permanent(old):
+                    shutil.rmtree(old, ignore_errors=True)
         _barrier()
+
+    def _permanent(self, path: Path) -> bool:
+        return self.keep_every > 0 and int(_NAME.match(path.name).group(1)) % self.keep_every == 0
 
     @staticmethod
     def load(path: Path, state: dict) -> dict:

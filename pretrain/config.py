@@ -204,6 +204,9 @@ class CheckpointConfig:
     """Save every this many steps (0: only at the end and on preemption)."""
     keep_last: int = 3
     """Keep this many most recent checkpoints."""
+    keep_every: int = 0
+    """Also keep, permanently, the checkpoints of steps that are multiples of this (0: none), e.g.
+    for comparisons at equal training FLOPs or for annealing from a mid-run state."""
     resume: str = "auto"
     """auto: continue from the latest complete checkpoint in the run folder, if any;
     none: start fresh (fails if the run folder holds checkpoints); or a checkpoint path."""
@@ -547,6 +550,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
     need(t.eval_every >= 0 and t.eval_batches >= 0, "train.eval_every and train.eval_batches must be >= 0")
     need(c.every >= 0 and c.keep_last >= 1, "checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    need(c.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0: keep only the last checkpoint.keep_last)")
 
     s = cfg.sampling
     need(s.steps >= 1, "sampling.steps must be >= 1")

@@ -177,7 +177,8 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
         started = time.perf_counter()
         result = make_sampler(model, cfg, tokenizer, sampling, device).sample(num_samples)
         seconds = time.perf_counter() - started
-        row = {"model": label, **dataclasses.asdict(point), "num_samples": num_samples, **nfe_summary(result),
+        row = {"model": label, **dataclasses.asdict(point), "nucleus_p": sampling.nucleus_p, "num_samples": num_samples,
+               **nfe_summary(result),
                "seconds": seconds, "checkpoint": str(path), "train_step": train_step, **scorer.score(result.tokens)}
         rows.append(row)
         log(f"{label} T={point.steps} S={point.corrector_steps} omega={point.corrector_every}: "

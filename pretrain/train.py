@@ -133,7 +133,7 @@ class Trainer:
                                   shuffle=cfg.data.shuffle, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
                                   expected_tokenizer_sha256=self.tokenizer.sha256)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                         cfg.checkpoint.async_save)
+                                         cfg.checkpoint.async_save, cfg.checkpoint.keep_every)
         self.state = TrainState()
         self.flops_per_step = self._flops_per_step()
 

@@ -107,6 +107,7 @@ def test_sweep_writes_one_consistent_row_per_grid_point(smiles_run, tmp_path):
         loops = row["steps"] // row["corrector_every"] if row["corrector_steps"] else 0
         assert loops <= row["nfe_corrector"] <= row["corrector_steps"] * loops  # 0 exactly when S = 0
         assert row["n_samples"] == 6 and {"validity", "uniqueness", "novelty", "qed_mean"} <= row.keys()
+        assert row["nucleus_p"] == 1.0
     by_setting: dict[tuple, list[dict]] = {}
     for row in rows:
         by_setting.setdefault((row["corrector_steps"], row["corrector_every"]), []).append(row)
@@ -145,3 +146,44 @@ def test_markdown_table_formats_missing_and_nan_cells():
     lines = markdown_table(rows).splitlines()
     assert lines[2] == "| m | 4 | 0 | 1 | 4.000 | 0.000 | 4.000 | nan |  |"
     assert lines[3].endswith("| 0.500 | 1.000 |")
+
+
+def test_claim_report_compares_every_proseco_checkpoint_with_the_mdlm_curve(smiles_run, tmp_path):
+    """The report's numbers on a hand-made sweep: the MDLM best, the NFE ratio, equal-NFE wins and
+    their z statistics, and an earlier ProSeCo checkpoint (NAME@STEP) costed at its share."""
+    from experiments.claim_report import report
+    from pretrain.sweep import write_table
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "moses-proseco").symlink_to(smiles_run)
+    tiny_run(smiles_run.parent / "shards", runs / "moses-mdlm", "diffusion.corrector_training=false")
+
+    def row(model, steps, s, nfe, validity):
+        return {"model": model, "steps": steps, "corrector_steps": s, "corrector_every": 1, "nucleus_p": 0.9,
+                "nfe_total": nfe, "n_samples": 400, "validity": validity, "uniqueness": 1.0, "novelty": 1.0,
+                "vun": validity}
+
+    rows = [row("moses-mdlm", 4, 0, 4.0, 0.10), row("moses-mdlm", 8, 0, 8.0, 0.20), row("moses-mdlm", 16, 0, 16.0, 0.30),
+            row("moses-proseco", 4, 1, 8.0, 0.30),    # equal NFE: 0.30 vs 0.20, z = 3.3; matches the best at 2x fewer
+            row("moses-proseco", 4, 0, 4.0, 0.11),    # a win, but not beyond two standard errors
+            row("moses-proseco", 16, 2, 48.0, 0.50),  # outside the MDLM curve: not comparable
+            row("moses-proseco@2", 4, 0, 4.0, 0.05)]
+    write_table(rows, tmp_path / "sweep")
+    text = report("moses", runs, tmp_path / "sweep" / "sweep.csv")
+
+    assert "(nucleus p: 0.90)" in text
+    assert "best validity 0.300 at T = 16 (mean NFE 16.0)" in text
+    sections = {part.split("\n", 1)[0]: part for part in text.split("### ")[1:]}
+    full, half = sections["moses-proseco"], sections["moses-proseco@2"]
+    assert "Fewest NFEs at which a setting of this model matches the MDLM best: 8.0" in full
+    assert "2.00x fewer NFEs than the baseline" in full
+    assert "| 4 | 1 | 1 | 8.0 | 0.300 | 0.200 | 3.3 |" in full
+    assert "| 16 | 2 | 1 | 48.0 | 0.500 | nan | nan |" in full
+    assert "strictly better than MDLM at equal NFE: 2 of 2 comparable rows; by more than two standard errors: 1." in full
+    assert "No setting of this model in the grid matches the MDLM best." in half
+    assert "0 of 1 comparable rows" in half
+    cost = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| moses-")}
+    assert cost["| moses-proseco@2"][2] == "2" and cost["| moses-proseco"][2] == "4"
+    assert float(cost["| moses-proseco@2"][5]) == pytest.approx(float(cost["| moses-proseco"][5]) / 2, abs=1e-3)
+    assert float(cost["| moses-proseco"][5]) == pytest.approx(2 * float(cost["| moses-mdlm"][5]), abs=1e-3)

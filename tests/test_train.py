@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pretrain.train as train_module
-from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from pretrain.checkpoint import Checkpointer, latest_checkpoint, list_checkpoints, load_model
 from pretrain.cli import main as cli_main
 from pretrain.config import load_config
 from pretrain.metrics import read_metrics
@@ -95,6 +95,16 @@ def test_preemption_saves_and_resumes(shards, tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"
     monkeypatch.undo()
     assert train(tiny_config(shards, tmp_path / "run", "checkpoint.every=0"))["step"] == 6
+
+
+def test_keep_every_checkpoints_outlive_keep_last(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep_last=2, keep_every=3)
+    for step in range(1, 8):
+        checkpointer.save(step, {"w": torch.full((2,), float(step))}, {})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006", "step_00000007"]
+    state = {"w": torch.zeros(2)}
+    assert Checkpointer.load(tmp_path / "step_00000003", state)["step"] == 3
+    assert state["w"].tolist() == [3.0, 3.0]
 
 
 def test_incomplete_checkpoints_are_never_latest(shards, tmp_path):
