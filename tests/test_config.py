@@ -102,7 +102,8 @@ def test_every_field_is_documented_and_shipped_configs_are_valid():
             docs = field_docs(type(getattr(cfg, section)))
             assert set(docs) == set(value), f"undocumented fields in {section}: {set(value) - set(docs)}"
     assert "| `corrector_errors_upweighted` |" in reference_markdown()
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
+    assert (ROOT / "docs" / "config.md").read_text() == reference_markdown(), "run `make docs`"
+    for path in sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "experiments" / "configs").glob("*.yaml")):
         validate(load_config(path), world_size=1)
 
 
