@@ -74,7 +74,9 @@ def _f(value, digits: int = 3) -> str:
 
 
 def _ratio(baseline_nfe: float, proseco_nfe: float) -> str:
-    if proseco_nfe <= baseline_nfe:
+    if math.isclose(proseco_nfe, baseline_nfe):
+        return "as many NFEs as the baseline"
+    if proseco_nfe < baseline_nfe:
         return f"{baseline_nfe / proseco_nfe:.2f}x fewer NFEs than the baseline"
     return f"{proseco_nfe / baseline_nfe:.2f}x more NFEs than the baseline"
 

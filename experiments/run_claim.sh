@@ -74,15 +74,20 @@ sweep_dir() {  # CORPUS P: the sweep folder of one nucleus value (plain for p = 
   if [[ $2 == 1 || $2 == 1.0 ]]; then echo "$RUNS/sweep-$1"; else echo "$RUNS/sweep-$1-p$2"; fi
 }
 
-sweep_one() {  # CORPUS P LABEL CHECKPOINT: the grid for one model at one nucleus value
-  local corpus=$1 p=$2 label=$3 checkpoint=$4 samples steps corrector out
+sweep_one() {  # CORPUS P LABEL CHECKPOINT GRID: one model at one nucleus value; GRID main or tail
+  local corpus=$1 p=$2 label=$3 checkpoint=$4 grid=$5 samples steps corrector out
   # Samples x forwards is the cost: 256 molecules of 32 tokens, 64 Shakespeare samples of 64 characters.
   if [[ $corpus == moses ]]; then samples=${NUM_SAMPLES:-256}; steps=4,8,16,32,64; corrector=0,1,2,4
   else samples=${NUM_SAMPLES:-64}; steps=8,16,32,64; corrector=0,1,2; fi
   out=$(sweep_dir "$corpus" "$p")/$label
+  if [[ $grid == tail ]]; then
+    # Plain sampling with T beyond the sequence length: with the cache its NFE saturates there, so
+    # these points are the plain sampler's best whatever the NFE budget (cheap: no corrector).
+    steps=128,256; corrector=0; out=$out-tail
+  fi
   [[ -f $out/sweep.csv ]] && return
   mkdir -p "$(dirname "$out")"
-  echo "sweep $label (nucleus $p) -> $out"
+  echo "sweep $label $grid (nucleus $p) -> $out"
   $PROSECO sweep --checkpoint "$checkpoint" --label "$label" --steps $steps --corrector-steps $corrector \
     --corrector-every "${OMEGAS:-1}" --nucleus-p "$p" --num-samples "$samples" --batch-size "$samples" \
     --out "$out" > "$out.log" 2>&1
@@ -94,14 +99,16 @@ eval_one() {  # NAME: validation NELBO and corrector loss of a finished run
   $PROSECO eval --checkpoint "$RUNS/$1" --batches 64 --out "$RUNS/eval-$1.json" > "$RUNS/eval-$1.log" 2>&1
 }
 
-sweep_jobs() {  # CORPUS: one line per sweep "corpus p label checkpoint", the longest first
+sweep_jobs() {  # CORPUS: one line per sweep "corpus p label checkpoint grid", the longest first
   local corpus=$1 p half
   half=$(( $(sed -n 's/^  max_steps: *//p' "$RUNS/$corpus-proseco/config.yaml") / 2 ))
+  local kept=$RUNS/$corpus-proseco/checkpoints/$(printf 'step_%08d' "$half")
   for p in ${NUCLEUS//,/ }; do
-    echo "$corpus $p $corpus-proseco $RUNS/$corpus-proseco"
-    echo "$corpus $p $corpus-mdlm $RUNS/$corpus-mdlm"
-    local kept=$RUNS/$corpus-proseco/checkpoints/$(printf 'step_%08d' "$half")
-    [[ -d $kept ]] && echo "$corpus $p $corpus-proseco@$half $kept"
+    echo "$corpus $p $corpus-proseco $RUNS/$corpus-proseco main"
+    echo "$corpus $p $corpus-mdlm $RUNS/$corpus-mdlm main"
+    [[ -d $kept ]] && echo "$corpus $p $corpus-proseco@$half $kept main"
+    for name in "$corpus-mdlm" "$corpus-proseco"; do echo "$corpus $p $name $RUNS/$name tail"; done
+    [[ -d $kept ]] && echo "$corpus $p $corpus-proseco@$half $kept tail"
   done
 }
 
