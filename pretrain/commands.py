@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -48,6 +47,7 @@ def _sample(args: argparse.Namespace) -> None:
     from pretrain.config import validate
     from pretrain.diffusion import NoiseSchedule
     from pretrain.sampler import Sampler
+    from pretrain.sweep import write_samples
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, tokenizer = load_model(args.checkpoint, device, use_ema=not args.raw_weights)
@@ -63,17 +63,7 @@ def _sample(args: argparse.Namespace) -> None:
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:  # rank 0 is the only rank here
         task = bar.add_task("sampling", total=batches * sampling.steps)
         result = sampler.sample(num_samples, prompt=prompt, progress=lambda step, total, x: bar.advance(task))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as stream:
-        for i in range(num_samples):
-            ids = result.tokens[i].tolist()
-            stream.write(json.dumps({"text": tokenizer.decode(ids), "tokens": ids,
-                                     "nfe_denoiser": int(result.nfe_denoiser[i]),
-                                     "nfe_corrector": int(result.nfe_corrector[i]),
-                                     "nfe_total": int(result.nfe_total[i])}) + "\n")
-    os.replace(tmp, out)
+    out = write_samples(args.out, [tokenizer.decode(ids) for ids in result.tokens.tolist()], result)
     print(f"wrote {num_samples} samples to {out}: mean NFE {result.nfe_total.float().mean():.1f} "
           f"(denoiser {result.nfe_denoiser.float().mean():.1f}, corrector {result.nfe_corrector.float().mean():.1f})")
 
@@ -130,7 +120,8 @@ def _sweep(args: argparse.Namespace) -> None:
         for i, checkpoint in enumerate(args.checkpoint):
             rows += run_grid(checkpoint, points, args.num_samples, batch_size=args.batch_size, seed=args.seed,
                              label=labels[i] if labels else None, device=device, sampling_overrides=overrides,
-                             novelty=not args.no_novelty, log=lambda m: print(m, flush=True))
+                             novelty=not args.no_novelty, samples_dir=Path(args.out) / "samples",
+                             log=lambda m: print(m, flush=True))
     csv_path, md_path = write_table(rows, args.out)
     png_path = plot_sweep(rows, Path(args.out) / "sweep.png", title=args.title)
     print(md_path.read_text(), end="")

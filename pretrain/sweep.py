@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -153,15 +154,31 @@ def nfe_summary(result: SampleResult) -> dict[str, float]:
             "nfe_total": result.nfe_total.float().mean().item()}
 
 
+def write_samples(path: str | Path, texts: Sequence[str], result: SampleResult) -> Path:
+    """One JSON line per sample: its text, token ids and NFE counts (written whole, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as stream:
+        for i, text in enumerate(texts):
+            stream.write(json.dumps({"text": text, "tokens": result.tokens[i].tolist(),
+                                     "nfe_denoiser": int(result.nfe_denoiser[i]),
+                                     "nfe_corrector": int(result.nfe_corrector[i]),
+                                     "nfe_total": int(result.nfe_total[i])}) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: int, *, batch_size: int | None = None,
              seed: int = 0, label: str | None = None, device: str | torch.device = "cpu",
              sampling_overrides: dict | None = None, shards: str | Path | None = None, novelty: bool = True,
-             log: Callable[[str], None] = print) -> list[dict]:
+             samples_dir: str | Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Sample and score every grid point with one checkpoint (EMA weights); one row per point.
 
     Every point uses the same seed, so differences between rows come from the setting, not from
     different random draws. The row holds the setting, the mean NFEs, the wall time and every
-    quality metric.
+    quality metric. With `samples_dir`, each point's samples (as scored) are kept there too, as
+    LABEL_T{T}_S{S}_w{omega}.jsonl, so a table's numbers can be checked against its molecules.
     """
     device = torch.device(device)
     path = resolve_checkpoint(checkpoint)
@@ -177,6 +194,9 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
         started = time.perf_counter()
         result = make_sampler(model, cfg, tokenizer, sampling, device).sample(num_samples)
         seconds = time.perf_counter() - started
+        if samples_dir is not None:
+            name = f"{label}_T{point.steps}_S{point.corrector_steps}_w{point.corrector_every}.jsonl"
+            write_samples(Path(samples_dir) / name, scorer.texts(result.tokens), result)
         row = {"model": label, **dataclasses.asdict(point), "nucleus_p": sampling.nucleus_p, "num_samples": num_samples,
                **nfe_summary(result),
                "seconds": seconds, "checkpoint": str(path), "train_step": train_step, **scorer.score(result.tokens)}

@@ -114,6 +114,14 @@ def test_sweep_writes_one_consistent_row_per_grid_point(smiles_run, tmp_path):
     for series in by_setting.values():
         denoiser = [r["nfe_denoiser"] for r in sorted(series, key=lambda r: r["steps"])]
         assert denoiser == sorted(denoiser)  # more steps never cost fewer denoiser forwards
+    # Each point's samples are kept as scored: their valid molecules and NFEs are the row's.
+    from pretrain.quality import smiles_metrics
+    for row in rows:
+        name = f"{row['model']}_T{row['steps']}_S{row['corrector_steps']}_w{row['corrector_every']}.jsonl"
+        kept = [json.loads(line) for line in (out / "samples" / name).read_text().splitlines()]
+        assert len(kept) == 6 and all(len(k["tokens"]) == 24 for k in kept)
+        assert smiles_metrics([k["text"] for k in kept], with_properties=False)["n_valid"] == row["n_valid"]
+        assert sum(k["nfe_total"] for k in kept) / 6 == pytest.approx(row["nfe_total"])
     table = (out / "sweep.md").read_text().strip().splitlines()
     assert table[0].startswith("| model | T | S | omega | NFE den | NFE cor | NFE total | validity | uniqueness | novelty")
     assert len(table) == 2 + len(expected)
