@@ -104,7 +104,8 @@ def _training_table(corpus: str, runs: Path, variants: list[str]) -> list[str]:
              "corrector loss | corrector output error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in (f"{corpus}-mdlm", f"{corpus}-proseco"):
         ev_path = runs / f"eval-{name}.json"
-        lines.append(_cost_row(name, training_cost(runs / name), json.loads(ev_path.read_text()) if ev_path.is_file() else {}))
+        ev = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
+        lines.append(_cost_row(name, training_cost(runs / name), ev))
     full = training_cost(runs / f"{corpus}-proseco")
     for name in variants:
         step = _variant_step(name)
@@ -133,11 +134,11 @@ def _compare(name: str, proseco: list[dict], baseline: list[dict], best: dict, c
                      f"{metric} {_f(first[metric])}): " + _ratio(best["nfe_total"], first["nfe_total"]) + ".")
     else:
         lines.append("No setting of this model in the grid matches the MDLM best.")
+    z_note = "; z is the two-proportion z statistic of the difference" if proportion else ""
     lines += ["", f"Each row against the MDLM model's S = 0 curve interpolated in log NFE ({metric}; nan where the "
-              "NFE lies outside the curve's range)" + ("; z is the two-proportion z statistic of the difference"
-                                                       if proportion else "") + ".", "",
-              f"| T | S | omega | NFE | ProSeCo {metric} | MDLM {metric} at equal NFE | " + ("z | " if proportion else "")
-              + " | ".join(f"ProSeCo {g} | MDLM {g}" for g in guards) + " |",
+              f"NFE lies outside the curve's range){z_note}.", "",
+              f"| T | S | omega | NFE | ProSeCo {metric} | MDLM {metric} at equal NFE | "
+              + ("z | " if proportion else "") + " | ".join(f"ProSeCo {g} | MDLM {g}" for g in guards) + " |",
               "|" + "---|" * (6 + proportion + 2 * len(guards))]
     wins = significant = comparable = 0
     for r in sorted(proseco, key=lambda r: (r["corrector_steps"], r["corrector_every"], r["steps"])):
@@ -164,8 +165,8 @@ def report(corpus: str, runs: Path, sweep_csv: Path | None = None) -> str:
     mdlm_name = f"{corpus}-mdlm"
     variants = sorted({r["model"] for r in rows if r["model"].startswith(f"{corpus}-proseco")},
                       key=lambda name: (_variant_step(name) is None, _variant_step(name) or 0))
-    nucleus = sorted({r.get("nucleus_p", math.nan) for r in rows})
-    lines = [f"# Claim check: {corpus}", "", f"Sweep: `{sweep_csv}` (nucleus p: {', '.join(_f(p, 2) for p in nucleus)})", ""]
+    nucleus = ", ".join(_f(p, 2) for p in sorted({r.get("nucleus_p", math.nan) for r in rows}))
+    lines = [f"# Claim check: {corpus}", "", f"Sweep: `{sweep_csv}` (nucleus p: {nucleus})", ""]
     lines += _training_table(corpus, runs, variants)
     baseline = sorted((r for r in rows if r["model"] == mdlm_name and r["corrector_steps"] == 0),
                       key=lambda r: r["nfe_total"])

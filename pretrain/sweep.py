@@ -198,8 +198,8 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
             name = f"{label}_T{point.steps}_S{point.corrector_steps}_w{point.corrector_every}.jsonl"
             write_samples(Path(samples_dir) / name, scorer.texts(result.tokens), result)
         row = {"model": label, **dataclasses.asdict(point), "nucleus_p": sampling.nucleus_p, "num_samples": num_samples,
-               **nfe_summary(result),
-               "seconds": seconds, "checkpoint": str(path), "train_step": train_step, **scorer.score(result.tokens)}
+               **nfe_summary(result), "seconds": seconds, "checkpoint": str(path), "train_step": train_step,
+               **scorer.score(result.tokens)}
         rows.append(row)
         log(f"{label} T={point.steps} S={point.corrector_steps} omega={point.corrector_every}: "
             f"NFE {row['nfe_total']:.1f} ({row['nfe_denoiser']:.1f} + {row['nfe_corrector']:.1f}), "
