@@ -83,8 +83,9 @@ class Scorer:
             return [self.tokenizer.decode_document(ids, strict=True) for ids in tokens.tolist()]
         return [self.tokenizer.decode(ids) for ids in tokens.tolist()]
 
-    def score(self, tokens: torch.Tensor) -> dict:
-        texts = self.texts(tokens)
+    def score(self, tokens: torch.Tensor, texts: list[str] | None = None) -> dict:
+        """Metrics of a batch; `texts` are its decoded samples when the caller already has them."""
+        texts = self.texts(tokens) if texts is None else texts
         metrics = quality_of(texts, tokens.tolist(), self.smiles, self.training_set, self.judge)
         if self.smiles:
             # Valid, unique and novel molecules per sample drawn (the paper's QM9 x-axis, normalised).
@@ -194,12 +195,13 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
         started = time.perf_counter()
         result = make_sampler(model, cfg, tokenizer, sampling, device).sample(num_samples)
         seconds = time.perf_counter() - started
+        texts = scorer.texts(result.tokens)
         if samples_dir is not None:
             name = f"{label}_T{point.steps}_S{point.corrector_steps}_w{point.corrector_every}.jsonl"
-            write_samples(Path(samples_dir) / name, scorer.texts(result.tokens), result)
+            write_samples(Path(samples_dir) / name, texts, result)
         row = {"model": label, **dataclasses.asdict(point), "nucleus_p": sampling.nucleus_p, "num_samples": num_samples,
                **nfe_summary(result), "seconds": seconds, "checkpoint": str(path), "train_step": train_step,
-               **scorer.score(result.tokens)}
+               **scorer.score(result.tokens, texts)}
         rows.append(row)
         log(f"{label} T={point.steps} S={point.corrector_steps} omega={point.corrector_every}: "
             f"NFE {row['nfe_total']:.1f} ({row['nfe_denoiser']:.1f} + {row['nfe_corrector']:.1f}), "
@@ -368,10 +370,11 @@ def sample_report(model: torch.nn.Module, tokenizer, cfg: RunConfig, corpus: str
 
     def run(label: str, sampling: SamplingConfig) -> float:
         result = make_sampler(model, cfg, tokenizer, sampling, device).sample(sampling.num_samples)
+        texts = scorer.texts(result.tokens)
         rows.append({"model": label, "steps": sampling.steps, "corrector_steps": sampling.corrector_steps,
                      "corrector_every": sampling.corrector_every, **nfe_summary(result),
-                     **scorer.score(result.tokens)})
-        examples.append((label, scorer.texts(result.tokens)[:2]))
+                     **scorer.score(result.tokens, texts)})
+        examples.append((label, texts[:2]))
         return rows[-1]["nfe_total"]
 
     run("MDLM (no correction)", dataclasses.replace(base, corrector_steps=0))
