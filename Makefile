@@ -2,6 +2,7 @@
 #   make pretrain   tokenizer + shards for the default corpus, then the default CPU run
 #   make test       the test suite (what CI runs)
 #   make bench      benchmarks -> docs/benchmarks.md and docs/benchmarks.json
+#   make lint       ruff over the tree (CI runs it next to make test)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ EXTRAS ?= dev,eval,gpt2,wandb
 CONFIG ?= configs/shakespeare.yaml
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: pretrain test test-all bench data docs clean-venv
+.PHONY: pretrain test test-all lint bench data docs clean-venv
 
 $(VENV)/.installed: pyproject.toml requirements/no-deps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ pretrain: $(VENV)/.installed data
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m "slow or not slow"

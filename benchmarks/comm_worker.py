@@ -131,7 +131,7 @@ def analytic(trainer: Trainer, mode: str) -> dict[str, int]:
         total["all_reduce"] += (2 * N + 1) * D * 4  # norm weight gradients, summed once per step
     if layout.dp > 1:
         # The bytes FSDP2 gathers for one rank: every parameter's tensor-parallel shard, whole.
-        param_bytes = sum(p.to_local().numel() * p.element_size() for p in trainer.model.parameters()) * layout.dp
+        param_bytes = sum(p.to_local().numel() * p.element_size() for p in trainer.parts[0].parameters()) * layout.dp
         calls = 4 if mode == "reuse" else 3  # forwards + backward graphs per micro-batch
         if cfg.parallel.data_parallel == "ddp":
             total["all_reduce"] += param_bytes // layout.dp  # replicated: the local tensors are whole

@@ -64,7 +64,7 @@ def main() -> None:
                                  f"data.micro_batch_size={MICRO}", f"data.global_batch_size={MICRO * microbatches}"])
         trainer = Trainer(cfg, env)
         batches = iter(trainer.loader)
-        for repeat in range(3):  # the first step builds the schedules and infers shapes
+        for _ in range(3):  # the first step builds the schedules and infers shapes
             passes.clear()
             busy.clear()
             dist.barrier()

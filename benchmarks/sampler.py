@@ -21,7 +21,8 @@ import torch
 
 from pretrain.config import DiffusionConfig, load_config
 from pretrain.diffusion import NoiseSchedule
-from pretrain.model import DiT, ModelShape
+from pretrain.models import ModelShape
+from pretrain.models.dit.model import DiT
 from pretrain.sampler import Sampler
 
 CONFIG = "configs/shakespeare.yaml"
@@ -60,7 +61,6 @@ def _sampler_run(model, sampling) -> tuple[float, float, float, float]:
     timed = _TimedModel(model)
     sampler = Sampler(timed, sampling, mask_id=4, vocab_size=VOCAB, seq_len=SEQ_LEN,
                       schedule=NoiseSchedule(DiffusionConfig()))
-    sampler.model_vocab = VOCAB
     start = time.perf_counter()
     result = sampler.sample(BATCH)
     seconds = time.perf_counter() - start
@@ -87,7 +87,8 @@ def run() -> list[dict]:
         {"name": "sampler_time_per_nfe_over_forward", "value": round(per_nfe_plain / forward_plain, 3),
          "unit": "ratio", "what": f"MDLM sampler wall time per NFE / time per forward inside the same run; target "
                                   f"<= 1.05; {setup}"},
-        {"name": "sampler_time_per_nfe_over_forward_corrected", "value": round(per_nfe_corrected / forward_corrected, 3),
+        {"name": "sampler_time_per_nfe_over_forward_corrected",
+         "value": round(per_nfe_corrected / forward_corrected, 3),
          "unit": "ratio", "what": f"same with a corrector loop (S=1) after every step ({nfe_corrected:.0f} NFE); "
                                   f"{setup}"},
         {"name": "sampler_time_per_nfe_over_bare_forward", "value": round(per_nfe_plain / forward, 3), "unit": "ratio",

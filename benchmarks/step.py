@@ -22,9 +22,11 @@ import time
 
 import torch
 
+from parallel.runner import LocalRunner
 from pretrain.config import DiffusionConfig, load_config
-from pretrain.model import DiT, ModelShape, forward_flops_per_sequence
-from pretrain.step import Objective, compute_losses
+from pretrain.models import ModelShape
+from pretrain.models.dit.model import DiT, forward_flops_per_sequence
+from pretrain.step import Objective, forward_backward
 
 CONFIG = "configs/shakespeare.yaml"
 VOCAB, SEQ_LEN = 128, 128  # the default char model: ~70 characters, padded to a multiple of 64
@@ -43,8 +45,8 @@ def _objective(corrector: bool, batch_size: int) -> Objective:
 
 
 def _step(model, batch, objective, mode) -> None:
-    losses = compute_losses(model, batch, objective, step=0, mode=mode)
-    (losses.total.sum() / losses.total.numel()).backward()
+    forward_backward(LocalRunner(model), [batch], objective, step=0, mode=mode,
+                     backward_scale=1.0 / batch["tokens"].numel())
     model.zero_grad(set_to_none=True)
 
 
@@ -57,8 +59,7 @@ def _saved_bytes(model, batch, objective, mode) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        losses = compute_losses(model, batch, objective, step=0, mode=mode)
-    del losses
+        _step(model, batch, objective, mode)
     return sum(seen.values())
 
 

@@ -30,7 +30,7 @@ import yaml
 
 from pretrain.config import load_config_dict
 from pretrain.metrics import read_metrics
-from pretrain.model import ModelShape, forward_flops_per_sequence
+from pretrain.models import ModelShape, get_family
 from pretrain.sweep import read_rows
 
 # The headline metric per corpus and whether larger is better; the guards are printed beside it.
@@ -43,7 +43,7 @@ def training_cost(run_dir: Path) -> dict:
     """Parameters-free cost summary of one run from its resolved config and metrics."""
     cfg = load_config_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     shape = ModelShape(vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
-    forward = forward_flops_per_sequence(cfg.model, shape)
+    forward = get_family(cfg.model.family).forward_flops(cfg.model, shape)
     per_step = (6 if cfg.diffusion.corrector_training else 3) * forward * cfg.data.global_batch_size
     records = read_metrics(run_dir)
     train = [r for r in records if r["split"] == "train"]

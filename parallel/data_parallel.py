@@ -1,8 +1,8 @@
-"""Data parallelism (FSDP2, sharded or replicated), activation checkpointing, and the gradient
-arithmetic that must agree across layouts (global norm, clipping, accumulation).
+"""Data parallelism (FSDP2, sharded or replicated) and activation checkpointing, applied from
+outside to any model.
 
-`parallelize()` is the one entry point the trainer uses: tensor parallelism first, then
-activation checkpointing, then FSDP2 over the data-parallel mesh dimensions (torchtitan's order).
+A model family's plan calls these after its tensor-parallel plan (torchtitan's order: tp ->
+activation checkpointing -> FSDP2), naming the modules to wrap (its transformer blocks).
 `parallel.data_parallel` picks the FSDP2 mesh: `fsdp` shards parameters, gradients and optimizer
 state over all data-parallel ranks (ZeRO-3; `fsdp_no_reshard` keeps parameters gathered between
 forward and backward, ZeRO-2-like); `ddp` replicates them and all-reduces gradients (FSDP2 on a
@@ -13,25 +13,22 @@ the trainer multiplies the loss by dp so that gradients are sums divided by the 
 from __future__ import annotations
 
 import types
-from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
 from torch.utils.checkpoint import checkpoint
 
-from parallel.mesh import DP_DIMS, Layout
-from parallel.tensor import apply_tensor_parallel
-from pretrain.config import ParallelConfig
+from parallel.config import ParallelConfig
+from parallel.mesh import DP_DIMS
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
     """Recompute each block's activations in backward. The block's forward is wrapped in place,
     so parameter names (and checkpoints) do not change."""
-    for block in model.blocks.values():
+    for block in blocks:
         inner = block.forward
 
         def forward(self, *args, _inner=inner):
@@ -40,92 +37,19 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = types.MethodType(forward, block)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig) -> None:
+def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], mesh: DeviceMesh, cfg: ParallelConfig) -> None:
+    """FSDP2 over the data-parallel mesh dimensions: each block is its own unit (gathered just in
+    time), the rest of the model (embedding, head) one more."""
     dtype = torch.bfloat16 if cfg.param_dtype == "bf16" else None
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     reshard = cfg.data_parallel == "fsdp"
     dp_mesh = mesh[DP_DIMS]
-    for block in model.blocks.values():
+    for block in blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
-
-
-def parallelize(model: nn.Module, layout: Layout, mesh: DeviceMesh | None, cfg: ParallelConfig) -> nn.Module:
-    """Apply tp -> activation checkpointing -> data parallelism to `model` in place."""
-    if layout.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], cfg.sequence_parallel)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if layout.dp > 1:
-        apply_fsdp(model, mesh, cfg)
-    return model
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Skip the data-parallel gradient reduction on all but the last micro-batch of a step."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
-
-
-@torch.no_grad()
-def reduce_partial_gradients(model: nn.Module) -> None:
-    """Sum gradients left as partial sums across ranks (the norm weights under sequence
-    parallelism, whose inputs are sequence slices). DTensor defers that reduction; doing it once
-    per step, after accumulation, makes every gradient final before clipping and the update."""
-    for p in model.parameters():
-        grad = p.grad
-        if isinstance(grad, DTensor) and any(placement.is_partial() for placement in grad.placements):
-            placements = [Replicate() if placement.is_partial() else placement for placement in grad.placements]
-            p.grad = grad.redistribute(grad.device_mesh, placements)
-
-
-# ---------------------------------------------------------------------------------------------
-# Gradient norm over any mix of plain tensors and DTensors
-
-
-def _shard_groups(grad: DTensor) -> tuple:
-    """The process groups over which this gradient is split (its local squares must be summed)."""
-    mesh = grad.device_mesh
-    # Anything but Replicate splits the tensor (Shard, and FSDP2's _StridedShard under tensor
-    # parallelism, which is not a Shard subclass); partial sums are reduced before this point.
-    return tuple(mesh.get_group(i) for i, placement in enumerate(grad.placements) if not placement.is_replicate())
-
-
-@torch.no_grad()
-def global_grad_norm(parameters, pp_group=None) -> torch.Tensor:
-    """The 2-norm of all gradients of the whole model, identical on every rank.
-
-    A sharded DTensor gradient contributes the sum of its shards' squares (reduced over the mesh
-    dimensions it is split on); a replicated one, and a plain tensor, count once. Pipeline ranks
-    hold disjoint parameters: their totals are summed over `pp_group`.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device if grads else "cpu"
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    by_groups: dict[tuple, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=device))
-    for grad in grads:
-        if isinstance(grad, DTensor):
-            if any(placement.is_partial() for placement in grad.placements):
-                raise RuntimeError("partial-sum gradient: call reduce_partial_gradients() first")
-            by_groups[_shard_groups(grad)] += grad.to_local().double().square().sum()
-        else:
-            total += grad.double().square().sum()
-    for groups, squares in by_groups.items():
-        for group in groups:
-            dist.all_reduce(squares, group=group)
-        total += squares
-    if pp_group is not None:
-        dist.all_reduce(total, group=pp_group)
-    return total.sqrt()
-
-
-@torch.no_grad()
-def clip_gradients(parameters, max_norm: float, pp_group=None) -> float:
-    """Scale all gradients so that their global norm is at most max_norm; returns the norm before."""
-    parameters = [p for p in parameters if p.grad is not None]
-    norm = global_grad_norm(parameters, pp_group)
-    if max_norm > 0 and torch.isfinite(norm):
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in parameters:
-            p.grad.mul_(scale.to(p.grad.dtype))
-    return float(norm)

@@ -20,6 +20,10 @@ import torch.distributed as dist
 DEFAULT_PORT = 29500
 
 
+class LaunchError(RuntimeError):
+    """The environment cannot run what was asked (e.g. CUDA on a machine without it)."""
+
+
 @dataclass(frozen=True)
 class Launch:
     """What the environment says about this process, before any process group exists."""
@@ -40,7 +44,8 @@ def detect_launch(environ: dict[str, str] | None = None) -> Launch:
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         job = int(env.get("SLURM_JOB_ID", "0"))
         port = int(env.get("MASTER_PORT", DEFAULT_PORT + job % 10000))
-        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+        nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+        addr = env.get("MASTER_ADDR") or first_slurm_host(nodes)
         return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                       "slurm", addr, port)
     return Launch(0, 1, 0, "single")
@@ -79,12 +84,11 @@ class DistEnv:
         return self.rank == 0
 
 
-def pick_device(preference: str, local_rank: int) -> torch.device:
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """"auto" (CUDA when available), "cuda" or "cpu"; a CUDA device is this process's local GPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from tokenizer.errors import UserError
-
-            raise UserError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+            raise LaunchError("device cuda was asked for but CUDA is not available; use device auto or cpu")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from pretrain.config import RunConfig, resolve_dp
+from parallel.config import ParallelConfig
 
 DP_DIMS = ("dp_replicate", "dp_shard")
 
@@ -35,10 +35,10 @@ class Layout:
     replicate: bool  # data parallelism replicates parameters (ddp) instead of sharding them (fsdp)
 
     @classmethod
-    def of(cls, cfg: RunConfig, rank: int, world_size: int) -> Layout:
-        dp, tp, pp = resolve_dp(cfg, world_size), cfg.parallel.tp, cfg.parallel.pp
+    def of(cls, cfg: ParallelConfig, rank: int, world_size: int) -> Layout:
+        dp, tp, pp = cfg.resolve_dp(world_size), cfg.tp, cfg.pp
         return cls(dp=dp, tp=tp, pp=pp, dp_rank=(rank // tp) % dp, tp_rank=rank % tp, pp_rank=rank // (dp * tp),
-                   replicate=cfg.parallel.data_parallel == "ddp")
+                   replicate=cfg.data_parallel == "ddp")
 
     @property
     def world_size(self) -> int:

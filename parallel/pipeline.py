@@ -1,63 +1,43 @@
-"""Pipeline parallelism: the DiT split into stages, run by torch.distributed.pipelining.
+"""Pipeline parallelism: run a model's stages with torch.distributed.pipelining.
 
-Stages are copies of the full model with the parts they do not own removed (torchtitan's way),
-so parameter names stay those of the full model and checkpoints reshard across pp sizes. Stage 0
-owns the embedding and the conditioning, the last stage the final adaLN layer and the output
-layer; the blocks are split evenly (or as `parallel.pp_layers_per_stage` says). Between stages
-travel the residual stream and the conditioning vector c. With `pp_virtual_stages` = v, rank r
-holds stages r, r + pp, ..., r + (v-1) pp (interleaved 1F1B).
+A model family builds its stages (copies of the full model with the parts a stage does not own
+removed, torchtitan's way, so parameter names and checkpoints stay those of the full model); this
+module places them on ranks and runs them. With `pp_virtual_stages` = v, rank r holds stages
+r, r + pp, ..., r + (v-1) pp (interleaved 1F1B).
 
 The loss is computed on the last stage from what every rank of a pipeline group can compute
 itself (the same batch, the same keyed masks): the schedule's `target` is just the micro-batch
 index, and the loss function looks the micro-batch up. It returns a scalar; metrics leave through
-a side channel (`PipelineRunner.outputs`).
+the loss function's own side channel.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
-                                          ScheduleLoopedBFS)
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleLoopedBFS,
+)
 
+from parallel.config import ParallelConfig
 from parallel.mesh import Layout
-from pretrain.config import ModelConfig, ParallelConfig
 
 TRAIN_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
-
-def layers_per_stage(model: ModelConfig, parallel: ParallelConfig) -> list[int]:
-    """Blocks of each stage: as configured, or an even split."""
-    stages = parallel.pp * parallel.pp_virtual_stages
-    if parallel.pp_layers_per_stage is not None:
-        return list(parallel.pp_layers_per_stage)
-    return [model.n_layers // stages] * stages
+LossFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def stage_ids(layout: Layout, virtual_stages: int) -> list[int]:
     """The stages this rank holds (looped: rank r holds r, r + pp, ...)."""
     return [layout.pp_rank + v * layout.pp for v in range(virtual_stages)]
-
-
-def build_stage(full: nn.Module, stage: int, counts: list[int]) -> nn.Module:
-    """A copy of `full` keeping only what stage `stage` owns; parameter names are unchanged."""
-    part = copy.deepcopy(full)
-    first = sum(counts[:stage])
-    keep = {str(i) for i in range(first, first + counts[stage])}
-    for name in list(part.blocks.keys()):
-        if name not in keep:
-            del part.blocks[name]
-    if stage > 0:
-        part.vocab_embed = None
-        part.sigma_map = None
-    if stage < len(counts) - 1:
-        part.output_layer = None
-    return part
 
 
 class PipelineRunner:
@@ -68,12 +48,14 @@ class PipelineRunner:
     because a stage fixes its activation shapes at its first step.
     """
 
+    holds_whole_model = False  # a loss function cannot call the model again (no reuse step)
+
     def __init__(self, parts: list[nn.Module], layout: Layout, mesh: DeviceMesh, cfg: ParallelConfig,
                  device: torch.device):
         self.parts, self.layout, self.cfg, self.device = parts, layout, cfg, device
         self.group = mesh["pp"].get_group()
         self.ids = stage_ids(layout, cfg.pp_virtual_stages)
-        self.num_stages = layout.pp * cfg.pp_virtual_stages
+        self.num_stages = cfg.num_stages
         self.is_first = 0 in self.ids
         self.is_last = self.num_stages - 1 in self.ids
         # The last stage, pp * v - 1, is held by pipeline rank pp - 1 (looped placement).
@@ -98,16 +80,17 @@ class PipelineRunner:
                 self._schedules[key] = ScheduleGPipe(stages[0], microbatches, loss_fn=loss, scale_grads=False)
         return self._schedules[key]
 
-    def run(self, tokens: torch.Tensor | None, sigma: torch.Tensor | None, microbatches: int, rows: int,
-            loss_fn: Callable[[torch.Tensor, int], torch.Tensor], training: bool) -> None:
+    def run(self, inputs: tuple[torch.Tensor, ...], microbatches: int, rows: int, loss_fn: LossFn,
+            training: bool) -> None:
         """One pipeline pass over `microbatches` micro-batches of `rows` rows each.
 
-        Stage 0 passes the whole batch (tokens, sigma); the last stage calls loss_fn(logits, m) for
-        micro-batch m. training=False runs forward only, under no_grad: nothing is stored.
+        Stage 0 passes the whole batch (`inputs`, split along dim 0); the last stage calls
+        loss_fn(output, m) for micro-batch m. training=False runs forward only, under no_grad:
+        nothing is stored.
         """
         self.loss_fn = lambda output, target: loss_fn(output, int(target.reshape(-1)[0]))
         schedule = self._schedule(training, rows, microbatches)
-        args = (tokens, sigma) if self.is_first else ()
+        args = inputs if self.is_first else ()
         target = torch.arange(microbatches, device=self.device) if self.is_last else None
         if training:
             schedule.step(*args, target=target, return_outputs=False)

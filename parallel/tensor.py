@@ -1,16 +1,13 @@
-"""Tensor (and sequence) parallelism for the DiT, applied from outside with DTensor plans,
-and the vocabulary-parallel pieces of the objective.
+"""Tensor-parallel pieces that any model family's plan and any objective can use.
 
-The plan, per block: q/k/v and the first MLP layer column-wise (each rank holds whole heads and a
-slice of the MLP), the attention output and second MLP layer row-wise (one all-reduce each), the
-adaLN modulation column-wise with a gathered output. The input embedding is vocabulary-parallel
-and the output layer column-wise over the (padded) vocabulary, its logits left sharded for
-loss-parallel cross entropy and an exact vocabulary-parallel argmax.
+- `sum_gradient_hook`: a forward hook whose backward sums the output's gradient over a group
+  (Megatron's copy-to-region), for a replicated output consumed by sequence-sharded activations.
+- Vocabulary-parallel operations on logits sharded over the (padded) vocabulary: bias, argmax and
+  cross entropy (loss parallel), exact without gathering the logits; each also takes a plain
+  tensor (one process, or tp = 1).
 
-With sequence parallelism the residual stream, the norms and the dropouts are split along the
-sequence: row-wise layers reduce-scatter instead of all-reduce and column-wise layers all-gather
-their input. The modulation vectors (shift/scale/gate) then meet only a slice of the sequence, so
-their gradient is a partial sum per rank: a hook all-reduces it over the tensor-parallel group.
+The per-module plans (which layer is column- or row-wise) live beside each model family
+(pretrain/models/<family>/parallelize.py), not here.
 """
 
 from __future__ import annotations
@@ -18,10 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Shard
 
 
 class _AllReduceGradient(torch.autograd.Function):
@@ -39,45 +34,13 @@ class _AllReduceGradient(torch.autograd.Function):
         return grad, None
 
 
-def _sum_gradient_hook(group):
+def sum_gradient_hook(group):
+    """A forward hook: identity forward, gradient summed over `group` in backward."""
+
     def hook(module, inputs, output):
         return _AllReduceGradient.apply(output, group)
 
     return hook
-
-
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
-    """Shard `model` (a DiT, or a pipeline stage of one) over `tp_mesh` in place. Parameter names
-    do not change."""
-    stream = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream
-    if model.vocab_embed is not None:
-        parallelize_module(model.vocab_embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=stream))
-    group = tp_mesh.get_group()
-    for block in model.blocks.values():
-        plan = {
-            "attn_q": ColwiseParallel(input_layouts=stream),
-            "attn_k": ColwiseParallel(input_layouts=stream),
-            "attn_v": ColwiseParallel(input_layouts=stream),
-            "attn_out": RowwiseParallel(output_layouts=stream),
-            "mlp.0": ColwiseParallel(input_layouts=stream),
-            "mlp.2": RowwiseParallel(output_layouts=stream),
-            "adaLN_modulation": ColwiseParallel(output_layouts=Replicate()),
-        }
-        if sequence_parallel:
-            plan["norm1"] = SequenceParallel(use_local_output=True)
-            plan["norm2"] = SequenceParallel(use_local_output=True)
-        parallelize_module(block, tp_mesh, plan)
-        if sequence_parallel:
-            block.adaLN_modulation.register_forward_hook(_sum_gradient_hook(group))
-    if model.output_layer is None:
-        return
-    head = {"adaLN_modulation": ColwiseParallel(output_layouts=Replicate()),
-            "linear": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)}
-    if sequence_parallel:
-        head["norm_final"] = SequenceParallel(use_local_output=True)
-    parallelize_module(model.output_layer, tp_mesh, head)
-    if sequence_parallel:
-        model.output_layer.adaLN_modulation.register_forward_hook(_sum_gradient_hook(group))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,20 +26,21 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from tokenizer.errors import UserError
+from pretrain.errors import CheckpointError
+from pretrain.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
-
-
-class CheckpointError(UserError):
-    pass
 
 
 def checkpoint_name(step: int) -> str:
@@ -186,9 +187,7 @@ class Checkpointer:
         _barrier()
         if _rank() == 0:
             tmp = final.with_name(final.name + ".tmp")
-            meta_tmp = tmp / (META + ".tmp")
-            meta_tmp.write_text(json.dumps(meta, indent=2))
-            os.replace(meta_tmp, tmp / META)
+            atomic_write_text(tmp / META, json.dumps(meta, indent=2))
             if final.exists():  # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -233,15 +232,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
     Reads any checkpoint (any layout it was saved from) into one process; the tokenizer travels
     inside the checkpoint folder.
     """
-    from pretrain.config import RunConfig, load_config_dict, padded_vocab_size
-    from pretrain.model import DiT, ModelShape
+    from pretrain.config import RunConfig, load_config_dict
+    from pretrain.models import ModelShape, get_family
     from tokenizer.tokenizers import load_tokenizer
 
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     cfg: RunConfig = load_config_dict(meta["config"], drop_unknown=True)
-    shape = ModelShape(vocab_size=padded_vocab_size(cfg.model, cfg.model.vocab_size), seq_len=cfg.model.seq_len)
-    model = DiT(cfg.model, shape)
+    model = get_family(cfg.model.family).build(cfg.model, ModelShape.of(cfg.model))
     weights = dict(model.named_parameters())
     key = "ema" if use_ema and meta.get("has_ema", False) else "model"
     # no_dist: this process reads every shard itself, also inside a multi-process job.
@@ -267,8 +265,7 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
         tensors.update({f"ema.{name}": t for name, t in shadow.items()})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"config": json.dumps(meta["config"]), "step": str(meta["step"]),
-                                          "vocab_size": str(cfg.model.vocab_size)})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"config": json.dumps(meta["config"]), "step": str(meta["step"]),
+                                              "vocab_size": str(cfg.model.vocab_size)})
     return out

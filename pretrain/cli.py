@@ -14,8 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from parallel.env import LaunchError
 from pretrain.config import load_config, reference_markdown, split_config_args, to_yaml, validate
-from tokenizer.errors import UserError
+from pretrain.errors import UserError
 
 
 def _config_show(args: argparse.Namespace) -> None:
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proseco", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_commands(sub)
-    from tokenizer.cli import add_commands as add_tokenizer_commands
     from pretrain.commands import add_commands as add_pretrain_commands
+    from tokenizer.cli import add_commands as add_tokenizer_commands
 
     add_tokenizer_commands(sub)
     add_pretrain_commands(sub)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except UserError as err:  # config errors, missing files, mismatched shards...: no traceback
+    except (UserError, LaunchError) as err:  # config errors, missing files, mismatched shards...: no traceback
         print(f"proseco: error: {err}", file=sys.stderr)
         return 2
 

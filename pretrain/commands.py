@@ -11,15 +11,23 @@ from pathlib import Path
 
 from pretrain.config import load_config, split_config_args
 
-
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the same command to resume
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Train (or resume), then on rank 0 write the sample report of a run that finished."""
+    from parallel.env import detect_launch, pick_device
+    from pretrain.report import write_sample_report
     from pretrain.train import train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = train(load_config(*split_config_args(args.config, args.overrides)))
+    cfg = load_config(*split_config_args(args.config, args.overrides))
+    result = train(cfg)
+    launch = detect_launch()
+    # The process group is gone by now: rank 0 samples alone from the final checkpoint while the
+    # other ranks exit.
+    if not result.get("preempted") and cfg.sampling.num_samples > 0 and launch.rank == 0:
+        write_sample_report(Path(cfg.logging.run_dir), pick_device(cfg.train.device, launch.local_rank))
     if result and args.print_result:
         print(json.dumps(result))
     return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
@@ -43,21 +51,19 @@ def _sample(args: argparse.Namespace) -> None:
     import torch
     from rich.progress import Progress
 
+    from parallel.env import pick_device
     from pretrain.checkpoint import load_model
     from pretrain.config import validate
-    from pretrain.diffusion import NoiseSchedule
     from pretrain.sampler import Sampler
     from pretrain.sweep import write_samples
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device, 0)
     model, cfg, tokenizer = load_model(args.checkpoint, device, use_ema=not args.raw_weights)
     sampling = dataclasses.replace(cfg.sampling, **_sampling_overrides(args))
     cfg = dataclasses.replace(cfg, sampling=sampling)
     validate(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=-1, tp=1, pp=1)))
     prompt = torch.tensor([tokenizer.bos_id, *tokenizer.encode(args.prompt)]) if args.prompt else None
-    sampler = Sampler(model, sampling, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                      seq_len=cfg.model.seq_len, schedule=NoiseSchedule(cfg.diffusion),
-                      time_conditioning=cfg.model.time_conditioning, device=device)
+    sampler = Sampler.for_run(model, cfg, tokenizer, sampling, device)
     num_samples = args.num_samples or sampling.num_samples
     batches = -(-num_samples // sampling.batch_size)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:  # rank 0 is the only rank here
@@ -74,12 +80,12 @@ def _int_list(text: str) -> list[int]:
 
 def _eval(args: argparse.Namespace) -> None:
     """Validation NELBO and corrector loss of a checkpoint, plus sample quality with --samples."""
-    import torch
-
+    from parallel.env import pick_device
     from pretrain.checkpoint import load_model
-    from pretrain.sweep import GridPoint, evaluate_checkpoint, run_grid, summary_markdown
+    from pretrain.sweep import GridPoint, run_grid, summary_markdown
+    from pretrain.validation import evaluate_checkpoint
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device, 0)
     result = evaluate_checkpoint(args.checkpoint, split=args.split, batches=args.batches or None, shards=args.shards,
                                  device=device)
     if args.samples > 0:
@@ -101,8 +107,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     """Quality against NFE over checkpoints x steps x corrector settings -> sweep.csv/.md/.png."""
-    import torch
-
+    from parallel.env import pick_device
     from pretrain.sweep import make_grid, plot_sweep, read_rows, run_grid, write_table
 
     if args.merge:
@@ -110,7 +115,7 @@ def _sweep(args: argparse.Namespace) -> None:
     else:
         if not args.checkpoint:
             raise SystemExit("proseco sweep: give --checkpoint (one or more) or --merge DIR ...")
-        device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(args.device, 0)
         points = make_grid(args.steps, args.corrector_steps, args.corrector_every)
         overrides = {"nucleus_p": args.nucleus_p} if args.nucleus_p is not None else {}
         labels = args.label or []
@@ -169,7 +174,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("eval", help="validation NELBO, corrector loss and (with --samples) sample quality")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (latest checkpoint)")
     evaluate.add_argument("--split", default="val", help="shard split to evaluate on (default val)")
-    evaluate.add_argument("--batches", type=int, default=0, help="validation micro-batches (default 0: the whole split)")
+    evaluate.add_argument("--batches", type=int, default=0,
+                          help="validation micro-batches (default 0: the whole split)")
     evaluate.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
     evaluate.add_argument("--samples", type=int, default=0, help="also draw this many samples and score them")
     evaluate.add_argument("--steps", type=int, help="unmasking steps T (default: sampling.steps of the run)")
@@ -187,7 +193,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--label", action="append", help="model name in the table, one per --checkpoint "
                                                         "(default: the run's name)")
     sweep.add_argument("--steps", type=_int_list, default=[4, 8, 16, 32, 64], help="unmasking steps T, e.g. 4,8,16")
-    sweep.add_argument("--corrector-steps", type=_int_list, default=[0, 1, 2], help="corrector iterations S, e.g. 0,1,2")
+    sweep.add_argument("--corrector-steps", type=_int_list, default=[0, 1, 2],
+                       help="corrector iterations S, e.g. 0,1,2")
     sweep.add_argument("--corrector-every", type=_int_list, default=[1], help="omega values, e.g. 1,2")
     sweep.add_argument("--num-samples", type=int, default=64, help="samples per grid point")
     sweep.add_argument("--batch-size", type=int, help="samples generated at once (default: all)")

@@ -33,7 +33,8 @@ class NoiseSchedule:
         if self.kind == "loglinear":  # alpha_t = 1 - (1 - eps) t
             return -torch.log1p(-(1 - eps) * t), (1 - eps) / (1 - (1 - eps) * t)
         if self.kind == "linear":
-            return self.sigma_min + t * (self.sigma_max - self.sigma_min), torch.full_like(t, self.sigma_max - self.sigma_min)
+            rate = self.sigma_max - self.sigma_min
+            return self.sigma_min + t * rate, torch.full_like(t, rate)
         if self.kind == "geometric":
             sigma = self.sigma_min ** (1 - t) * self.sigma_max ** t
             return sigma, sigma * math.log(self.sigma_max / self.sigma_min)

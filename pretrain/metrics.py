@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from pretrain.config import LoggingConfig, RunConfig, to_dict
+from pretrain.files import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -79,7 +80,7 @@ def _start_wandb(cfg: RunConfig, run_dir: Path):
     try:
         import wandb
     except ImportError:
-        from tokenizer.errors import UserError
+        from pretrain.errors import UserError
 
         raise UserError("logging.wandb is set but wandb is not installed: pip install -e .[wandb] "
                         "or set logging.wandb=disabled") from None
@@ -141,10 +142,9 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

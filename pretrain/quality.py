@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.files import atomic_path
+
 EVAL_EXTRA = "pip install -e .[eval]"
 
 # --------------------------------------------------------------------------------------------------
@@ -146,10 +148,8 @@ def canonical_set_cached(smiles: Iterable[str], cache_dir: str | os.PathLike, *,
             return set(lines.read().splitlines())
     result = canonical_set(items, processes=processes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with gzip.open(partial, "wt", encoding="utf-8", compresslevel=1) as out:
+    with atomic_path(path) as partial, gzip.open(partial, "wt", encoding="utf-8", compresslevel=1) as out:
         out.write("\n".join(sorted(result)))
-    os.replace(partial, path)
     return result
 
 
@@ -261,7 +261,8 @@ def default_trigram_model_path() -> Path:
     """The CMU US-English trigram LM shipped in the pocketsphinx wheel."""
     path = Path(_pocketsphinx().get_model_path()) / "en-us" / "en-us.lm.bin"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall pocketsphinx: pip install --force-reinstall pocketsphinx")
+        raise FileNotFoundError(f"{path} is missing; reinstall pocketsphinx: "
+                                "pip install --force-reinstall pocketsphinx")
     return path
 
 
@@ -271,8 +272,9 @@ class TrigramJudge:
     Scoring, per sentence (``sentences``): each in-vocabulary word w is scored as
     P(w | two previous words), starting from <s>. An out-of-vocabulary word is not scored, counts
     towards the OOV rate, and cuts the history, so the next word is scored as a unigram (which is
-    also what pocketsphinx does with an unknown word in the history: the numbers agree). With ``sentence_boundaries`` the end of each sentence is also
-    scored as P(</s> | history); without it, a text is one stream of words with no <s> or </s>.
+    also what pocketsphinx does with an unknown word in the history: the numbers agree). With
+    ``sentence_boundaries`` the end of each sentence is also scored as P(</s> | history); without
+    it, a text is one stream of words with no <s> or </s>.
 
     Always report the perplexity with the OOV rate: text made of unknown words scores little.
     """

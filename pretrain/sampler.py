@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pretrain.config import SamplingConfig
+from pretrain.config import RunConfig, SamplingConfig
 from pretrain.diffusion import NoiseSchedule, suppress_logits
+from tokenizer.tokenizers import Tokenizer
 
 FINAL_EPS = 1e-5  # the official sampler ends at t = 1e-5, not at the training eps
 
@@ -83,9 +84,15 @@ class Sampler:
         self.device = device or next(model.parameters()).device
         self.dtype = torch.float64 if cfg.float64 else torch.float32  # of the sampled probabilities
         self.autocast = autocast
-        # Rows of the model's output: the real vocabulary, or more when padded for tensor parallelism.
-        head = getattr(getattr(model, "output_layer", None), "linear", None)
-        self.model_vocab = head.out_features if head is not None else vocab_size
+
+    @classmethod
+    def for_run(cls, model: nn.Module, cfg: RunConfig, tokenizer: Tokenizer, sampling: SamplingConfig,
+                device: torch.device) -> Sampler:
+        """The sampler of a trained run: its tokenizer's ids, sequence length, noise schedule and
+        time conditioning, with the sampler settings `sampling` (the run's own or changed ones)."""
+        return cls(model, sampling, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                   seq_len=cfg.model.seq_len, schedule=NoiseSchedule(cfg.diffusion),
+                   time_conditioning=cfg.model.time_conditioning, device=device)
 
     # -- forwards (the only place NFEs are spent) ------------------------------------------------
 
@@ -104,6 +111,17 @@ class Sampler:
         only where a position is actually sampled; SUBS's carry-over is applied where it matters
         (unmasked tokens are kept as they are)."""
         return suppress_logits(self._logits(x, rows, sigma), self.mask_id, self.vocab_size)
+
+    def _refresh(self, scores: torch.Tensor | None, x: torch.Tensor, rows: torch.Tensor,
+                 sigma: float) -> torch.Tensor:
+        """`scores` of all rows of x with the selected rows recomputed. The buffer is allocated at
+        the first forward, whose output says how many vocabulary rows the model has (the real
+        vocabulary, or more when padded for tensor parallelism)."""
+        computed = self._scores(x, rows, sigma)
+        if scores is None:
+            scores = computed.new_empty((x.shape[0], *computed.shape[1:]))
+        scores[rows] = computed
+        return scores
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -155,12 +173,12 @@ class Sampler:
         nothing more and changes nothing with argmax updates).
         """
         batch = y.shape[0]
-        scores = torch.empty(batch, self.seq_len, self.model_vocab, device=y.device)
+        scores = None  # allocated by the first round, which forwards every row
         fresh = torch.zeros(batch, dtype=torch.bool, device=y.device)  # scores[row] belong to y[row]
         for _ in range(self.cfg.corrector_steps):
             need = ~fresh
             if need.any():
-                scores[need] = self._scores(y, need, sigma)
+                scores = self._refresh(scores, y, need, sigma)
                 nfe[need] += 1
             proposal = torch.where(fixed, y, self._corrector_update(scores, y, generator))  # the prompt stays
             fresh = (proposal == y).all(-1) if self.cfg.use_cache else torch.zeros_like(fresh)
@@ -185,7 +203,7 @@ class Sampler:
         cfg, steps, batch = self.cfg, self.cfg.steps, x.shape[0]
         nfe_den = torch.zeros(batch, dtype=torch.long, device=x.device)
         nfe_cor = torch.zeros_like(nfe_den)
-        scores = torch.empty(batch, self.seq_len, self.model_vocab, device=x.device)
+        scores = None  # allocated by the first step, which forwards every row
         fresh = torch.zeros(batch, dtype=torch.bool, device=x.device)  # scores[row] belong to x[row]
         # The denoiser's distribution carries unmasked tokens over (SUBS); a cached corrector
         # distribution (after a loop, as the official cache) does not.
@@ -198,7 +216,7 @@ class Sampler:
             sigma = float(self.schedule(torch.tensor(t, dtype=torch.float64))[0])
             need = ~fresh
             if need.any():
-                scores[need] = self._scores(x, need, sigma)
+                scores = self._refresh(scores, x, need, sigma)
                 nfe_den[need] += 1
                 carry |= need
             x_next = self._posterior_sample(scores, x, t, s, generator)
@@ -254,7 +272,8 @@ class Sampler:
                 scores = self._scores(x, all_rows, 0.0)
                 nfe_den += 1
                 selectable = (x == self.mask_id) & (positions < hi)
-                if cfg.corrector_steps > 0 and (k + 1) % cfg.corrector_every == 0 and step_index + 1 >= cfg.corrector_start_iter:
+                corrects = (k + 1) % cfg.corrector_every == 0 and step_index + 1 >= cfg.corrector_start_iter
+                if cfg.corrector_steps > 0 and corrects:
                     x, scores = self._block_corrector(x, scores, selectable, fixed, hi, nfe_cor)
                 step_index += 1
                 if cfg.temperature > 0:

@@ -1,13 +1,13 @@
 """Sampling-budget sweeps: quality against NFE for checkpoints x steps x corrector settings.
 
 `proseco sweep` samples every (checkpoint, T, S, omega) point of a grid with the same seed (so
-rows differ only by the setting), scores the samples with the task's judge and writes
-`sweep.csv` (every number), `sweep.md` (the table) and `sweep.png` (quality against mean total
-NFE, one line per model x corrector setting). `proseco eval` reports the validation NELBO and
-corrector loss of one checkpoint, with optional sample quality.
+rows differ only by the setting), scores the samples with the judge of the corpus' content
+(pretrain/scoring.py) and writes `sweep.csv` (every number), `sweep.md` (the table) and
+`sweep.png` (quality against mean total NFE, one line per model x corrector setting).
 
-The functions are plain so that tests and experiment scripts can call them: `make_grid`,
-`run_grid`, `write_table`, `plot_sweep`, `read_rows`, `evaluate_checkpoint`.
+The functions are plain so that tests and experiment scripts can call them: the grid
+(`make_grid`, `run_grid`), the writers (`write_samples`, `write_table`, `read_rows`) and the
+tables and plots (`markdown_table`, `quality_columns`, `summary_markdown`, `plot_sweep`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from pretrain.checkpoint import load_model, read_meta, resolve_checkpoint
-from pretrain.config import RunConfig, SamplingConfig
-from pretrain.diffusion import NoiseSchedule
-from pretrain.evaluate import default_judge, is_smiles_corpus, quality_of
+from pretrain.files import atomic_path, atomic_write_text
 from pretrain.sampler import Sampler, SampleResult
+from pretrain.scoring import build_scorer
 
 # Quality columns of the table and the plot, in order; the CSV keeps every metric.
 SMILES_COLUMNS = ("validity", "uniqueness", "novelty", "vun", "qed_mean")
@@ -39,6 +38,10 @@ SETTING_COLUMNS = ("model", "steps", "corrector_steps", "corrector_every")
 _INT_COLUMNS = {"steps", "corrector_steps", "corrector_every", "num_samples", "train_step", "n_samples", "n_valid",
                 "n_unique", "n_novel", "trigram_n_words", "trigram_n_oov", "trigram_n_sentence_ends"}
 _TEXT_COLUMNS = {"model", "checkpoint"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
 
 
 @dataclass(frozen=True)
@@ -64,88 +67,9 @@ def make_grid(steps: Sequence[int], corrector_steps: Sequence[int], corrector_ev
     return points
 
 
-# ---------------------------------------------------------------------------------------------
-# Scoring
-
-
-@dataclass
-class Scorer:
-    """Turns one batch of sampled token ids into quality metrics for the run's kind of data."""
-
-    tokenizer: object
-    smiles: bool
-    training_set: set[str] | None = None  # canonical training SMILES, for novelty
-    judge: object | None = None           # TrigramJudge for text (None: no perplexity)
-
-    def texts(self, tokens: torch.Tensor) -> list[str]:
-        # A SMILES sample is one padded document (BOS ... EOS PAD...); text samples are decoded whole.
-        if self.smiles:  # strict: a stray PAD or mask inside a molecule makes it invalid
-            return [self.tokenizer.decode_document(ids, strict=True) for ids in tokens.tolist()]
-        return [self.tokenizer.decode(ids) for ids in tokens.tolist()]
-
-    def score(self, tokens: torch.Tensor, texts: list[str] | None = None) -> dict:
-        """Metrics of a batch; `texts` are its decoded samples when the caller already has them."""
-        texts = self.texts(tokens) if texts is None else texts
-        metrics = quality_of(texts, tokens.tolist(), self.smiles, self.training_set, self.judge)
-        if self.smiles:
-            # Valid, unique and novel molecules per sample drawn (the paper's QM9 x-axis, normalised).
-            metrics["vun"] = metrics.get("n_novel", metrics["n_unique"]) / max(len(texts), 1)
-        metrics["masked_left"] = float((tokens == self.tokenizer.mask_id).float().mean())
-        return metrics
-
-
 def run_folder(checkpoint: str | Path) -> Path:
     """The run folder of a checkpoint (runs/NAME for runs/NAME/checkpoints/step_X)."""
     return resolve_checkpoint(checkpoint).parent.parent
-
-
-def training_documents(shards: str | Path) -> list[str]:
-    """Every document of the train split of a padded shard folder (one document per sample), decoded."""
-    from pretrain.data import open_shards, open_split
-    from tokenizer.format import ShardReader
-
-    manifest, tokenizer = open_shards(shards)
-    if manifest.packing != "pad":
-        raise ValueError(f"{shards} is packed: documents are cut across samples, so novelty needs --packing pad")
-    _, split = open_split(shards, "train")
-    documents: list[str] = []
-    for info, path, count in zip(split.infos, split.paths, split.counts):
-        tokens, ok = ShardReader(path, info, split.seq_len, split.dtype).read(0, count)
-        documents += [tokenizer.decode_document(row) for row, good in zip(tokens.tolist(), ok) if good]
-    return documents
-
-
-def build_scorer(cfg: RunConfig, tokenizer, run_dir: Path, shards: str | Path | None = None,
-                 novelty: bool = True, log: Callable[[str], None] = print) -> Scorer:
-    """SMILES metrics (novelty against the run's own training molecules, canonicalised once and
-    cached in run_dir/cache) for a SMILES corpus, text metrics with the trigram judge otherwise."""
-    from pretrain.data import open_shards
-    from pretrain.quality import canonical_set_cached
-
-    shards = Path(shards or cfg.data.shards)
-    manifest, _ = open_shards(shards)
-    if not is_smiles_corpus(manifest.corpus):
-        judge = default_judge()
-        if judge is None:
-            log("warning: pocketsphinx is not installed (pip install -e .[eval]): no trigram perplexity")
-        return Scorer(tokenizer, smiles=False, judge=judge)
-    training_set = None
-    if novelty:
-        started = time.perf_counter()
-        training_set = canonical_set_cached(training_documents(shards), run_dir / "cache")
-        log(f"training set: {len(training_set)} canonical molecules ({time.perf_counter() - started:.1f} s)")
-    return Scorer(tokenizer, smiles=True, training_set=training_set)
-
-
-# ---------------------------------------------------------------------------------------------
-# The grid
-
-
-def make_sampler(model: torch.nn.Module, cfg: RunConfig, tokenizer, sampling: SamplingConfig,
-                 device: torch.device) -> Sampler:
-    return Sampler(model, sampling, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                   seq_len=cfg.model.seq_len, schedule=NoiseSchedule(cfg.diffusion),
-                   time_conditioning=cfg.model.time_conditioning, device=device)
 
 
 def nfe_summary(result: SampleResult) -> dict[str, float]:
@@ -153,21 +77,6 @@ def nfe_summary(result: SampleResult) -> dict[str, float]:
     return {"nfe_denoiser": result.nfe_denoiser.float().mean().item(),
             "nfe_corrector": result.nfe_corrector.float().mean().item(),
             "nfe_total": result.nfe_total.float().mean().item()}
-
-
-def write_samples(path: str | Path, texts: Sequence[str], result: SampleResult) -> Path:
-    """One JSON line per sample: its text, token ids and NFE counts (written whole, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as stream:
-        for i, text in enumerate(texts):
-            stream.write(json.dumps({"text": text, "tokens": result.tokens[i].tolist(),
-                                     "nfe_denoiser": int(result.nfe_denoiser[i]),
-                                     "nfe_corrector": int(result.nfe_corrector[i]),
-                                     "nfe_total": int(result.nfe_total[i])}) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: int, *, batch_size: int | None = None,
@@ -193,7 +102,7 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
                                        corrector_steps=point.corrector_steps, corrector_every=point.corrector_every,
                                        num_samples=num_samples, batch_size=batch_size or num_samples, seed=seed)
         started = time.perf_counter()
-        result = make_sampler(model, cfg, tokenizer, sampling, device).sample(num_samples)
+        result = Sampler.for_run(model, cfg, tokenizer, sampling, device).sample(num_samples)
         seconds = time.perf_counter() - started
         texts = scorer.texts(result.tokens)
         if samples_dir is not None:
@@ -210,6 +119,61 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
 
 
 # ---------------------------------------------------------------------------------------------
+# Writers
+
+
+def write_samples(path: str | Path, texts: Sequence[str], result: SampleResult) -> Path:
+    """One JSON line per sample: its text, token ids and NFE counts (written whole, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as stream:
+        for i, text in enumerate(texts):
+            stream.write(json.dumps({"text": text, "tokens": result.tokens[i].tolist(),
+                                     "nfe_denoiser": int(result.nfe_denoiser[i]),
+                                     "nfe_corrector": int(result.nfe_corrector[i]),
+                                     "nfe_total": int(result.nfe_total[i])}) + "\n")
+    return path
+
+
+def write_table(rows: Sequence[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write out_dir/sweep.csv (every key of every row) and out_dir/sweep.md; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
+    # Written whole, then renamed: a partial CSV is never mistaken for a finished sweep.
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(md_path, markdown_table(rows))
+    return csv_path, md_path
+
+
+def _parse(key: str, value: str):
+    """A CSV cell back as the row held it: None when empty, int, float or text by column."""
+    if value == "":
+        return None
+    if key in _TEXT_COLUMNS:
+        return value
+    if key in _INT_COLUMNS:
+        return int(float(value))
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def read_rows(csv_path: str | Path) -> list[dict]:
+    """The rows of a sweep.csv, numbers as numbers (empty cells dropped)."""
+    with open(csv_path, newline="") as stream:
+        return [{k: v for k, v in ((k, _parse(k, v)) for k, v in row.items()) if v is not None}
+                for row in csv.DictReader(stream)]
+
+
+# ---------------------------------------------------------------------------------------------
 # Tables and plots
 
 
@@ -220,6 +184,7 @@ def quality_columns(rows: Sequence[dict]) -> list[str]:
 
 
 def _fmt(value) -> str:
+    """A table cell: floats to 3 decimals (1 from 100 on), nan as "nan", the rest as str."""
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
@@ -238,42 +203,11 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: Sequence[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write out_dir/sweep.csv (every key of every row) and out_dir/sweep.md; returns both paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(csv_path)  # a partial CSV is never mistaken for a finished sweep
-    md_path.write_text(markdown_table(rows))
-    return csv_path, md_path
-
-
-def _parse(key: str, value: str):
-    if value == "":
-        return None
-    if key in _TEXT_COLUMNS:
-        return value
-    if key in _INT_COLUMNS:
-        return int(float(value))
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
-def read_rows(csv_path: str | Path) -> list[dict]:
-    """The rows of a sweep.csv, numbers as numbers (empty cells dropped)."""
-    with open(csv_path, newline="") as stream:
-        return [{k: v for k, v in ((k, _parse(k, v)) for k, v in row.items()) if v is not None}
-                for row in csv.DictReader(stream)]
+def summary_markdown(metrics: dict) -> str:
+    """A two-column table of a flat metrics dict."""
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if isinstance(v, (int, float, str, np.floating))]
+    return "\n".join(lines) + "\n"
 
 
 def plot_sweep(rows: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
@@ -313,76 +247,3 @@ def plot_sweep(rows: Sequence[dict], path: str | Path, title: str | None = None)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation metrics of one checkpoint
-
-
-def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", batches: int | None = None,
-                        shards: str | Path | None = None, device: str | torch.device = "cpu",
-                        corrector: bool = True) -> dict:
-    """Validation MDLM NELBO (t ~ U[sampling_eps_validation, 1], Monte-Carlo; exp bounds the
-    perplexity) and corrector loss/error rates of a checkpoint's EMA weights on a split.
-
-    With `corrector` the corrector pass is evaluated also for a model trained with the MDLM loss
-    alone: how well a plain MDLM model repairs its own argmax is the control the claim needs.
-    """
-    from pretrain.data import eval_batches
-    from pretrain.evaluate import validation_metrics
-    from pretrain.step import Objective
-
-    device = torch.device(device)
-    path = resolve_checkpoint(checkpoint)
-    model, cfg, tokenizer = load_model(path, device)
-    diffusion = dataclasses.replace(cfg.diffusion, corrector_training=True) if corrector else cfg.diffusion
-    objective = Objective.build(diffusion, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                                seed=cfg.train.seed, global_batch_size=cfg.data.global_batch_size)
-    loader = eval_batches(shards or cfg.data.shards, split, micro_batch_size=cfg.data.micro_batch_size,
-                          max_batches=batches, expected_tokenizer_sha256=tokenizer.sha256)
-    step = int(read_meta(path)["step"])
-    # load_model already holds the EMA weights, so no EMA is swapped in here.
-    metrics = validation_metrics(model, None, loader, objective, step, device, lambda t: t)
-    return {"model": cfg.name, "checkpoint": str(path), "train_step": step, "split": split,
-            "trained_with_corrector": cfg.diffusion.corrector_training, **metrics}
-
-
-def summary_markdown(metrics: dict) -> str:
-    """A two-column table of a flat metrics dict."""
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if isinstance(v, (int, float, str, np.floating))]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# The end-of-run report: three points of a grid on the live model
-
-
-def sample_report(model: torch.nn.Module, tokenizer, cfg: RunConfig, corpus: str,
-                  device: torch.device) -> tuple[str, list[dict]]:
-    """Samples at a low NFE budget without and with correction, and without correction at the
-    corrected sampler's NFE. Returns (markdown table with two examples per sampler, the rows)."""
-    smiles = is_smiles_corpus(corpus)
-    scorer = Scorer(tokenizer, smiles=smiles, judge=None if smiles else default_judge())
-    base = cfg.sampling
-    corrected = dataclasses.replace(base, corrector_steps=base.corrector_steps or 2)
-    rows, examples = [], []
-
-    def run(label: str, sampling: SamplingConfig) -> float:
-        result = make_sampler(model, cfg, tokenizer, sampling, device).sample(sampling.num_samples)
-        texts = scorer.texts(result.tokens)
-        rows.append({"model": label, "steps": sampling.steps, "corrector_steps": sampling.corrector_steps,
-                     "corrector_every": sampling.corrector_every, **nfe_summary(result),
-                     **scorer.score(result.tokens, texts)})
-        examples.append((label, texts[:2]))
-        return rows[-1]["nfe_total"]
-
-    run("MDLM (no correction)", dataclasses.replace(base, corrector_steps=0))
-    nfe = run(f"ProSeCo (S={corrected.corrector_steps}, every {corrected.corrector_every})", corrected)
-    # Without the cache every step costs one NFE, so T = that NFE really spends it (with the cache,
-    # plain sampling stops spending once T exceeds the number of tokens to unmask).
-    run("MDLM at equal NFE", dataclasses.replace(base, corrector_steps=0, steps=max(1, round(nfe)), use_cache=False))
-    lines = [markdown_table(rows).rstrip()]
-    for label, texts in examples[:2]:
-        lines += ["", f"{label}:"] + [f"    {t[:300]!r}" for t in texts]
-    return "\n".join(lines), rows

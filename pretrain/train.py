@@ -10,7 +10,6 @@ EMA. Around it: validation with EMA weights, atomic checkpoints, exact resume, p
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import time
@@ -21,23 +20,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.data_parallel import clip_gradients, parallelize, reduce_partial_gradients, set_gradient_sync
 from parallel.env import DistEnv, detect_launch, init_distributed, shutdown
+from parallel.gradients import clip_gradients, reduce_partial_gradients
 from parallel.mesh import Layout, build_mesh, dp_group
-from parallel.pipeline import PipelineRunner, build_stage, layers_per_stage, stage_ids
+from parallel.pipeline import PipelineRunner, stage_ids
 from parallel.rng import seed_dropout
-from pretrain.checkpoint import (Checkpointer, CheckpointError, app_state, latest_checkpoint, load_app_state,
-                                 load_model)
-from pretrain.config import RunConfig, grad_accum_steps, padded_vocab_size, save_config, to_dict, validate
+from parallel.runner import LocalRunner
+from pretrain.checkpoint import Checkpointer, app_state, latest_checkpoint, load_app_state
+from pretrain.config import RunConfig, grad_accum_steps, save_config, to_dict, validate
 from pretrain.data import TrainLoader, eval_batches, open_shards
-from pretrain.evaluate import validation_metrics
+from pretrain.errors import CheckpointError, ConfigError, UserError
 from pretrain.metrics import MetricsLogger, Throughput, plot_losses
-from pretrain.model import DiT, ModelShape, count_parameters, forward_flops_per_sequence
-from pretrain.optim import EMA, EMAWeights, Optimizers, lr_factor
-from pretrain.step import Objective, compute_losses, pipelined_losses
-from pretrain.sweep import sample_report
-from tokenizer.errors import UserError
-
+from pretrain.models import ModelShape, count_parameters, get_family
+from pretrain.optim import EMA, Optimizers, lr_factor
+from pretrain.step import Objective, forward_backward
+from pretrain.validation import validation_metrics
 
 
 class NonFiniteError(RuntimeError):
@@ -98,6 +95,8 @@ def train(cfg: RunConfig) -> dict:
     """Run (or resume) training; returns the final validation metrics."""
     launch = detect_launch()
     validate(cfg, world_size=launch.world_size)  # before any process group starts
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
     env = init_distributed(launch, cfg.train.device, cfg.parallel.timeout_s)
     try:
         return Trainer(cfg, env).run()
@@ -112,15 +111,16 @@ class Trainer:
         self.manifest, self.tokenizer = open_shards(cfg.data.shards)
         self.tokenizer_dir = Path(cfg.data.shards) / "tokenizer"
         self.cfg = cfg = resolve_model_shape(cfg, self.tokenizer.vocab_size, self.manifest.seq_len)
-        self.layout = Layout.of(cfg, env.rank, env.world_size)
+        self.layout = Layout.of(cfg.parallel, env.rank, env.world_size)
         self.mesh = build_mesh(self.layout, env.device)
         self.dp_size, self.dp_rank = self.layout.dp, self.layout.dp_rank
         self.accum = grad_accum_steps(cfg, env.world_size)
-        self.shape = ModelShape(vocab_size=padded_vocab_size(cfg.model, cfg.model.vocab_size), seq_len=cfg.model.seq_len)
-        self.parts = [parallelize(part, self.layout, self.mesh, cfg.parallel) for part in self._build_parts()]
-        self.model = self.parts[0]  # the whole model unless pipeline parallel
+        self.shape = ModelShape.of(cfg.model)
+        self.family = get_family(cfg.model.family)
+        self.parts = [self.family.parallelize(part, self.layout, self.mesh, cfg.parallel)
+                      for part in self._build_parts()]
         self.runner = PipelineRunner(self.parts, self.layout, self.mesh, cfg.parallel, env.device) \
-            if self.layout.pp > 1 else None
+            if self.layout.pp > 1 else LocalRunner(self.parts[0])
         self.optimizers = Optimizers(self.parts, cfg.optim)
         self.ema = EMA(self.parts, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.objective = Objective.build(cfg.diffusion, mask_id=self.tokenizer.mask_id,
@@ -143,17 +143,18 @@ class Trainer:
         """The model, or this rank's pipeline stages, with weights identical on every rank and
         identical to a one-process run (built whole from the seed, then split)."""
         torch.manual_seed(self.cfg.train.seed)
-        full = DiT(self.cfg.model, self.shape).to(self.env.device)
+        full = self.family.build(self.cfg.model, self.shape).to(self.env.device)
         if self.layout.pp == 1:
             return [full]
-        counts = layers_per_stage(self.cfg.model, self.cfg.parallel)
-        return [build_stage(full, stage, counts) for stage in stage_ids(self.layout, self.cfg.parallel.pp_virtual_stages)]
+        counts = self.cfg.parallel.layers_per_stage(self.cfg.model.num_layers)
+        return [self.family.build_stage(full, stage, counts)
+                for stage in stage_ids(self.layout, self.cfg.parallel.pp_virtual_stages)]
 
     def _parameters(self):
         return [p for part in self.parts for p in part.parameters()]
 
     def _flops_per_step(self) -> int:
-        forward = forward_flops_per_sequence(self.cfg.model, self.shape) * self.cfg.data.global_batch_size
+        forward = self.family.forward_flops(self.cfg.model, self.shape) * self.cfg.data.global_batch_size
         if not self.cfg.diffusion.corrector_training:
             return 3 * forward
         return (7 if self.cfg.train.step_mode == "two_pass" else 6) * forward
@@ -209,7 +210,8 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self._resume()
         self.logger = MetricsLogger(cfg, self.run_dir, self.env.is_main, cfg.train.max_steps, self.state.step)
-        self._log_main(f"model: {count_parameters(DiT(cfg.model, self.shape, device='meta')):,} parameters, vocab "
+        meta_model = self.family.build(cfg.model, self.shape, device="meta")
+        self._log_main(f"model: {count_parameters(meta_model):,} parameters, vocab "
                        f"{self.tokenizer.vocab_size} ({self.shape.vocab_size} rows), seq_len {self.shape.seq_len}; "
                        f"{self.layout.describe()}, {self.accum} micro-batches of {cfg.data.micro_batch_size} per rank; "
                        f"step mode {cfg.train.step_mode}")
@@ -241,13 +243,10 @@ class Trainer:
                     self.checkpointer.wait()
                     return {"preempted": True, "step": step}
             final = self._validate()
-            last = self._save()
+            self._save()
             self.checkpointer.wait()
             if self.env.is_main:
                 plot_losses(self.run_dir)
-                self._report_samples(last)
-            if dist.is_initialized():
-                dist.barrier()  # the other ranks wait while rank 0 samples
             return final
         finally:
             self.logger.close()
@@ -256,11 +255,9 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns its metrics."""
         cfg, step = self.cfg, self.state.step
         self.optimizers.set_lr(cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.max_steps))
-        sums = self.forward_backward(micro_batches)
+        record = self.forward_backward(micro_batches)
         grad_norm = self._clip_gradients()
-        record = {"loss": sums[0].item(), "mdlm_nelbo": sums[1].item(), "corrector_nll": sums[2].item(),
-                  "corrector_input_error": sums[3].item(), "corrector_output_error": sums[4].item(),
-                  "grad_norm": grad_norm, "lr": self.optimizers.lr}
+        record.update(grad_norm=grad_norm, lr=self.optimizers.lr)
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
             self._handle_nonfinite(step, record)
             return record
@@ -271,10 +268,10 @@ class Trainer:
             self.ema.update()
         return record
 
-    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+    def forward_backward(self, micro_batches: list[dict]) -> dict[str, float]:
         """Gradients of the step's loss, accumulated over this rank's micro-batches and reduced
-        over data-parallel ranks. Returns the global (loss, mdlm, corrector, input errors, output
-        errors), each per token of the global batch."""
+        over data-parallel ranks. Returns the global loss, MDLM and corrector terms and error
+        rates, each per token of the global batch."""
         cfg, device, step = self.cfg, self.env.device, self.state.step
         for part in self.parts:
             part.train()
@@ -289,22 +286,11 @@ class Trainer:
         n_tokens = n_tokens.clamp(min=1.0)
         # Data parallelism averages gradients over dp ranks; x dp makes them global sums.
         scale = self.dp_size / n_tokens
-        if self.runner is not None:
-            sums = self.runner.broadcast_from_last(
-                pipelined_losses(self.runner, batches, self.objective, step, scale, self.autocast))
-        else:
-            sums = torch.zeros(5, device=device)
-            for index, batch in enumerate(batches):
-                set_gradient_sync(self.model, index == len(batches) - 1)  # one reduction per step
-                losses = compute_losses(self.model, batch, self.objective, step, cfg.train.step_mode, True,
-                                        self.autocast)
-                (losses.total.sum() * scale).backward()
-                sums += torch.stack([t.detach().sum() for t in (losses.total, losses.mdlm, losses.corrector,
-                                                                losses.corrector_input_errors,
-                                                                losses.corrector_output_errors)])
+        sums = forward_backward(self.runner, batches, self.objective, step, cfg.train.step_mode, scale,
+                                self.autocast)
         for part in self.parts:
             reduce_partial_gradients(part)
-        return self._all_reduce(sums) / n_tokens
+        return sums.reduced(self._all_reduce).per_token(n_tokens)
 
     def _clip_gradients(self) -> float:
         pp_group = self.mesh["pp"].get_group() if self.layout.pp > 1 else None
@@ -331,36 +317,18 @@ class Trainer:
             dist.all_reduce(tensor, group=dp_group(self.mesh))
         return tensor
 
-    def _report_samples(self, checkpoint: Path) -> None:
-        """Samples at a low NFE budget, without and with correction (EMA weights), as a table.
-        Rank 0 samples alone: from the live model in one process, else from the final checkpoint
-        read whole into this process (whatever the layout it was saved from)."""
-        if self.cfg.sampling.num_samples == 0:
-            return
-        if self.env.world_size == 1:
-            with EMAWeights(self.ema):
-                table, rows = sample_report(self.model, self.tokenizer, self.cfg, self.manifest.corpus,
-                                            self.env.device)
-        else:
-            model, _, _ = load_model(checkpoint, self.env.device)
-            table, rows = sample_report(model, self.tokenizer, self.cfg, self.manifest.corpus, self.env.device)
-        (self.run_dir / "samples.md").write_text(table + "\n")
-        with open(self.run_dir / "samples.jsonl", "w") as stream:
-            for row in rows:
-                stream.write(json.dumps(row) + "\n")
-        self._log_main("samples (EMA weights):\n" + table)
-
     def _validate(self) -> dict:
         started = time.perf_counter()
         batches = eval_batches(self.cfg.data.shards, "val", micro_batch_size=self.cfg.data.micro_batch_size,
                                dp_rank=self.dp_rank, dp_size=self.dp_size,
                                max_batches=self.cfg.train.eval_batches or None)
-        metrics = validation_metrics(self.parts, self.ema, batches, self.objective, self.state.step,
-                                     self.env.device, self._all_reduce, self.autocast, self.runner)
+        metrics = validation_metrics(self.runner, self.ema, batches, self.objective, self.state.step,
+                                     self.env.device, self._all_reduce, self.autocast)
         metrics.update(step=self.state.step, split="val", seconds=time.perf_counter() - started)
         self.state.last_val = metrics
         self.logger.log(metrics)
         self._log_main(f"step {self.state.step}: val MDLM NELBO {metrics['mdlm_nelbo']:.4f} "
                        f"(perplexity <= {metrics['perplexity_bound']:.2f}), corrector loss "
-                       f"{metrics['corrector_nll']:.4f}, corrector output error {metrics['corrector_output_error']:.3f}")
+                       f"{metrics['corrector_nll']:.4f}, corrector output error "
+                       f"{metrics['corrector_output_error']:.3f}")
         return metrics

@@ -38,7 +38,9 @@ install() {
 
 configure() {
   local cpus memory
-  cpus=$(nproc)
+  # GNU nproc honours OMP_NUM_THREADS: a test run with OMP_NUM_THREADS=1 would declare a node of
+  # one CPU, on which a two-task job is refused ("More processors requested than permitted").
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
   mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" "$STATE/log"
   cat >"$CONF" <<EOF

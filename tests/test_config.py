@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.config import (ConfigError, RunConfig, field_docs, grad_accum_steps, load_config, reference_markdown,
-                             to_dict, validate)
+from pretrain.config import (
+    ConfigError,
+    RunConfig,
+    field_docs,
+    grad_accum_steps,
+    load_config,
+    reference_markdown,
+    to_dict,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +62,8 @@ def test_reading_errors_name_the_field(overrides, needle):
 
 
 def test_unknown_yaml_key(tmp_path):
-    with pytest.raises(ConfigError, match="unknown config field data.global_batch; did you mean data.global_batch_size"):
+    needle = "unknown config field data.global_batch; did you mean data.global_batch_size"
+    with pytest.raises(ConfigError, match=needle):
         load_config(write(tmp_path, {"data": {"global_batch": 8}}))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
@@ -112,9 +121,19 @@ def test_cli_prints_one_line_error_and_exit_code_2():
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "model.d_model=256 is not divisible by model.n_heads=5" in result.stderr
-    ok = subprocess.run([sys.executable, "-m", "pretrain.cli", "config", "show", "model.n_layers=3"],
+    ok = subprocess.run([sys.executable, "-m", "pretrain", "config", "show", "model.n_layers=3"],
                         capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["model"]["n_layers"] == 3
+
+
+def test_model_family_is_chosen_by_name():
+    cfg = load_config(None, ["model.family=dit", "model.d_model=64"])
+    assert type(cfg.model).__name__ == "DiTConfig" and cfg.model.d_model == 64
+    assert to_dict(cfg)["model"]["family"] == "dit"
+    with pytest.raises(ConfigError, match="model.family='llama' is not a model family; known: dit"):
+        load_config(None, ["model.family=llama"])
+    with pytest.raises(ConfigError, match="unknown config field model.n_experts"):
+        load_config(None, ["model.n_experts=8"])  # fields are the family's own
 
 
 def test_configs_saved_by_older_versions_still_load():

@@ -132,7 +132,7 @@ def test_epoch_order_covers_every_sample_once_and_wraps_rotations() -> None:
 def test_exactly_once_per_epoch_across_ranks_and_workers(folder: Path, workers: int) -> None:
     dp, mb, gbs = 3, 2, 12  # 2 accumulation steps; 3 ranks x 2 workers = 6 > 5 shards
     batches, state = global_batches(folder, 8, dp=dp, mb=mb, gbs=gbs, workers=workers, seed=5)
-    for step, (positions, ids) in enumerate(batches):
+    for step, (positions, _) in enumerate(batches):
         assert positions == list(range(step * gbs, (step + 1) * gbs))  # rank-major, micro order
     for epoch in (0, 1):  # 96 positions: epochs 0 and 1 complete, the batch at 36..47 straddles
         assert sorted(epoch_ids(batches, epoch, 45)) == list(range(45))

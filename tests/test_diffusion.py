@@ -7,8 +7,16 @@ import torch
 
 from parallel.rng import keyed_uniform
 from pretrain.config import DiffusionConfig
-from pretrain.diffusion import (NoiseSchedule, Noised, corrector_input, loss_weight, mask_tokens, proseco_losses,
-                                sample_t, suppress_logits)
+from pretrain.diffusion import (
+    Noised,
+    NoiseSchedule,
+    corrector_input,
+    loss_weight,
+    mask_tokens,
+    proseco_losses,
+    sample_t,
+    suppress_logits,
+)
 
 MASK = 3
 VOCAB = 4

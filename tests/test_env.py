@@ -12,7 +12,8 @@ def test_single_process():
 
 
 def test_torchrun_and_deepspeed_variables():
-    launch = detect_launch({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    launch = detect_launch({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
+                            "MASTER_PORT": "1234"})
     assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher) == (3, 8, 1, "torchrun")
     assert (launch.master_addr, launch.master_port) == ("n1", 1234)
 

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import pretrain.model as model_module
-from pretrain.config import ModelConfig
-from pretrain.model import DiT, DiTBlock, ModelShape, count_parameters, forward_flops_per_sequence
+import pretrain.models.dit.model as model_module
+from pretrain.models import ModelShape, count_parameters
+from pretrain.models.dit.config import DiTConfig as ModelConfig
+from pretrain.models.dit.model import DiT, DiTBlock, forward_flops_per_sequence
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=4, cond_dim=16)
 SHAPE = ModelShape(vocab_size=40, seq_len=12)
@@ -134,3 +135,23 @@ def test_flash_attention_matches_sdpa():  # pragma: no cover - GPU only
     flash = model_module.attention(q, k, v, "flash")
     sdpa = model_module.attention(q, k, v, "sdpa")
     assert torch.allclose(flash.float(), sdpa.float(), atol=2e-2)
+
+
+def test_family_registry_builds_the_dit_and_maps_the_published_names():
+    """The DiT is found by name; its checkpoint-name mapping gives the published MDLM/ProSeCo
+    layout (backbone., vocab_embed.embedding, fused attn_qkv) and inverts exactly."""
+    from pretrain.models import family_names, get_family
+
+    family = get_family("dit")
+    assert "dit" in family_names() and family.forward_flops(TINY, SHAPE) == forward_flops_per_sequence(TINY, SHAPE)
+    model = family.build(TINY, SHAPE)
+    randomise(model)
+    state = {name: p.detach() for name, p in model.named_parameters()}
+    official = family.to_official(state)
+    d = TINY.d_model
+    assert official["backbone.vocab_embed.embedding"] is state["vocab_embed.weight"]
+    assert official["backbone.blocks.1.attn_qkv.weight"].shape == (3 * d, d)
+    assert torch.equal(official["backbone.blocks.1.attn_qkv.weight"][d:2 * d], state["blocks.1.attn_k.weight"])
+    assert not any("attn_q." in name for name in official) and len(official) == len(state) - 2 * TINY.n_layers
+    back = family.from_official({**official, "noise.sigmas": torch.zeros(1)})  # non-backbone keys are dropped
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)

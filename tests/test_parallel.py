@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parallel.env import DistEnv
 from pretrain.checkpoint import consolidate, load_model
 from pretrain.config import load_config
 from pretrain.metrics import read_metrics
 from pretrain.train import Trainer, train
-from parallel.env import DistEnv
 from tests.dist.parallel_worker import TINY, dump_digests
 from tests.helpers import ROOT, make_word_shards, torchrun
 
@@ -99,7 +99,8 @@ def test_dp2_tp2_parity_then_checkpoint_reshards_to_dp2_and_one_process(shards, 
     model, _, _ = load_model(checkpoint, use_ema=False)
     ema_model, _, _ = load_model(checkpoint, use_ema=True)
     for name, p in model.named_parameters():
-        assert torch.equal(tensors[name], p) and torch.equal(tensors[f"ema.{name}"], dict(ema_model.named_parameters())[name])
+        ema = dict(ema_model.named_parameters())[name]
+        assert torch.equal(tensors[name], p) and torch.equal(tensors[f"ema.{name}"], ema)
 
     # Adam turns ~1e-8 gradient differences into ~lr-sized update differences on near-zero
     # gradients, so the runs use a small learning rate (environment.md): losses then agree to 1e-5.
@@ -148,7 +149,8 @@ def test_a_dead_rank_ends_every_rank_with_an_error(shards, tmp_path):
                "MASTER_PORT": "29517", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
                "PROSECO_TEST_DIE": "rank=1,step=2"}
         procs.append(subprocess.Popen([sys.executable, str(ROOT / WORKER), "train",
-                                       *run_overrides(shards, tmp_path / "run", "parallel.dp=2", "parallel.timeout_s=20")],
+                                       *run_overrides(shards, tmp_path / "run", "parallel.dp=2",
+                                                      "parallel.timeout_s=20")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
     codes = [p.wait(timeout=120) for p in procs]
     assert codes[1] == 17 and codes[0] != 0, codes

@@ -14,7 +14,8 @@ import pytest
 
 from pretrain import quality
 
-needs_rdkit = pytest.mark.skipif(importlib.util.find_spec("rdkit") is None, reason="needs rdkit (pip install -e .[eval])")
+needs_rdkit = pytest.mark.skipif(importlib.util.find_spec("rdkit") is None,
+                                 reason="needs rdkit (pip install -e .[eval])")
 needs_pocketsphinx = pytest.mark.skipif(importlib.util.find_spec("pocketsphinx") is None,
                                         reason="needs pocketsphinx (pip install -e .[eval])")
 
@@ -226,7 +227,8 @@ def test_perplexity_bookkeeping(judge):
     log_end = judge.log_prob("</s>", ["the", "cat"])
     result = judge.perplexity(["The cat."])
     assert result["perplexity"] == pytest.approx(math.exp(-(log_the + log_cat) / 2), rel=1e-9)
-    assert result["perplexity_with_sentence_ends"] == pytest.approx(math.exp(-(log_the + log_cat + log_end) / 3), rel=1e-9)
+    with_ends = math.exp(-(log_the + log_cat + log_end) / 3)
+    assert result["perplexity_with_sentence_ends"] == pytest.approx(with_ends, rel=1e-9)
     assert (result["n_words"], result["n_oov"], result["n_sentence_ends"], result["oov_rate"]) == (2, 0, 1, 0.0)
 
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.config import DiffusionConfig, ModelConfig, SamplingConfig
+from pretrain.config import DiffusionConfig, SamplingConfig
 from pretrain.diffusion import NoiseSchedule
-from pretrain.model import DiT, ModelShape
+from pretrain.models import ModelShape
+from pretrain.models.dit.config import DiTConfig
+from pretrain.models.dit.model import DiT
 from pretrain.sampler import Sampler, nucleus, sample_categorical, write_back
 from tests.test_model import randomise
 
@@ -19,7 +21,7 @@ SCHEDULE = NoiseSchedule(DiffusionConfig())
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    model = DiT(ModelConfig(d_model=32, n_layers=2, n_heads=4, cond_dim=16), ModelShape(VOCAB, L))
+    model = DiT(DiTConfig(d_model=32, n_layers=2, n_heads=4, cond_dim=16), ModelShape(VOCAB, L))
     randomise(model, seed)
     return model
 
@@ -59,6 +61,27 @@ def test_no_mask_left_when_finalising():
     result, _ = trace(make_sampler(tiny_model(), steps=3, denoise_final=True), num_samples=8)
     assert not (result.tokens == MASK).any()
     assert result.tokens.max() < MASK
+
+
+class Wrapped(nn.Module):
+    """Any denoiser: the sampler knows nothing of the module but its forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens, sigma):
+        return self.inner(tokens, sigma)
+
+
+def test_scores_are_as_wide_as_the_model_output():
+    """A model with padding rows past the vocabulary (as for tensor parallelism): the sampler sizes
+    its scores from the forward's output and never draws a padding id."""
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(d_model=32, n_layers=2, n_heads=4, cond_dim=16), ModelShape(VOCAB + 4, L))
+    randomise(model, 0)
+    result, _ = trace(make_sampler(Wrapped(model), steps=4, corrector_steps=2, denoise_final=True), num_samples=4)
+    assert result.tokens.max() < MASK and result.nfe_corrector.min() >= 1
 
 
 def test_unmasked_tokens_change_only_inside_corrector_loops():

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from pretrain.errors import UserError
 from tests.test_tokenizer import write_smiles_corpus, write_text_corpus
 from tokenizer import shard as shard_module
 from tokenizer.cli import add_commands
 from tokenizer.corpora import CorpusError, iter_documents
-from tokenizer.errors import UserError
 from tokenizer.format import MANIFEST, ShardReader, read_manifest, write_shard
 from tokenizer.shard import ShardingError, shard_corpus, verify_shards
 from tokenizer.tokenizers import CONFIG_FILE, TokenizerError, UnknownCharacterError, load_tokenizer
@@ -137,6 +137,7 @@ def test_manifest_and_both_readers(workdir, text_corpus, bpe):
     assert on_disk.tokenizer_sha256 == bpe.sha256 == load_tokenizer(out / "tokenizer").sha256
     assert on_disk.fingerprint == on_disk.compute_fingerprint() and len(on_disk.fingerprint) == 16
     assert on_disk.stats["seed"] == 3 and str(text_corpus.resolve()) in on_disk.corpus
+    assert on_disk.content == "text"  # a PATH corpus is text unless told otherwise
     train = on_disk.splits["train"]
     assert [s.path for s in train.shards] == [f"train/shard-{i:06d}.tar" for i in range(len(train.shards))]
     assert [s.first_key for s in train.shards] == list(range(0, train.samples, 64))
@@ -166,6 +167,34 @@ def test_same_seed_gives_identical_bytes_with_any_worker_count(workdir, smiles_c
     assert other.fingerprint != one.fingerprint
     a, b = read_split(workdir / "det1", "train"), read_split(workdir / "det3", "train")
     assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist())) and not (a == b).all()
+
+
+def test_manifest_records_the_content_and_reads_old_manifests_by_their_corpus(workdir, smiles_corpus, char):
+    out = workdir / "content"
+    parser = argparse.ArgumentParser(prog="proseco")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["tokenizer", "shard", "--corpus", str(smiles_corpus), "--line-documents",
+                              "--content", "smiles", "--tokenizer", str(char.folder), "--seq-len", "24",
+                              "--out", str(out), "--workers", "1"])
+    args.func(args)
+    assert read_manifest(out).content == "smiles"
+    assert json.loads((out / MANIFEST).read_text())["content"] == "smiles"
+    # Written before manifests had the field: the content its built-in corpus declares, by exact
+    # name; any other corpus (a PATH, even one named like a built-in) is text.
+    raw = json.loads((out / MANIFEST).read_text())
+    del raw["content"]
+    for corpus, content in [("moses", "smiles"), ("moses(limit=500, max_chars=38)", "smiles"),
+                            ("shakespeare", "text"), (str(workdir / "moses"), "text"), ("moses.txt", "text"),
+                            (str(smiles_corpus.resolve()) + "(line_documents=True)", "text")]:
+        (out / MANIFEST).write_text(json.dumps({**raw, "corpus": corpus}))
+        assert read_manifest(out).content == content, corpus
+    assert verify_shards(out) == []  # the content is not part of the fingerprint
+    (out / MANIFEST).write_text(json.dumps({**raw, "content": "protein"}))
+    with pytest.raises(UserError, match="not a readable manifest.*'protein'"):
+        read_manifest(out)
+    with pytest.raises(ShardingError, match="--content 'protein'"):
+        shard_corpus(str(smiles_corpus), char.folder, 24, workdir / "protein", workers=1, line_documents=True,
+                     content="protein")
 
 
 def test_validation_split_holds_out_what_it_should(workdir, smiles_corpus, char):
@@ -199,6 +228,7 @@ def test_real_moses_subset_and_gpt2(workdir):
     out = workdir / "moses"
     manifest = shard_corpus("moses", moses_char.folder, 40, out, workers=1, max_chars=38, limit=500)
     assert manifest.corpus == "moses(limit=500, max_chars=38)" and manifest.stats["train_samples"] == 500
+    assert manifest.content == "smiles"  # declared by the built-in
     molecules = {moses_char.decode_document(row) for row in read_split(out, "train")}
     assert molecules == set(iter_documents("moses", "train", max_chars=38, limit=500))
     gpt2 = train_tokenizer(None, "gpt2", workdir / "gpt2")
@@ -297,7 +327,8 @@ def test_cli_shard_one_line_error(tmp_path, bpe):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("seq_len, dtype, count, first_key", [(64, "uint16", 300, 0), (33, "uint32", 77, 999_999_000_000),
+@pytest.mark.parametrize("seq_len, dtype, count, first_key", [(64, "uint16", 300, 0),
+                                                               (33, "uint32", 77, 999_999_000_000),
                                                                (128, "uint16", 1, 4096)])
 def test_fast_shard_writer_is_byte_identical_to_webdataset(tmp_path, seq_len, dtype, count, first_key):
     """The vectorised writer produces exactly the tar webdataset's TarWriter writes."""

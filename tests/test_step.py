@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from pretrain.config import DiffusionConfig, ModelConfig
+from parallel.runner import LocalRunner
+from pretrain.config import DiffusionConfig
 from pretrain.diffusion import mask_tokens, suppress_logits
-from pretrain.model import DiT, ModelShape
-from pretrain.step import Objective, compute_losses
+from pretrain.models import ModelShape
+from pretrain.models.dit.config import DiTConfig as ModelConfig
+from pretrain.models.dit.model import DiT
+from pretrain.step import Objective, forward_backward
 from tests.test_model import randomise
 
 VOCAB, MASK, L = 24, 23, 16
@@ -26,10 +29,14 @@ def objective(**overrides) -> Objective:
 
 def loss_and_grads(model, batch, obj, mode):
     model.zero_grad()
-    losses = compute_losses(model, batch, obj, step=0, mode=mode)
-    loss = losses.total.sum() / losses.total.numel()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    tokens = batch["tokens"].numel()
+    metrics = forward_backward(LocalRunner(model), [batch], obj, step=0, mode=mode, backward_scale=1.0 / tokens)
+    return metrics.loss / tokens, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def run(model, batch, obj, step, mode):
+    """One training micro-batch of the objective through the one-process runner."""
+    return forward_backward(LocalRunner(model), [batch], obj, step=step, mode=mode, backward_scale=1.0)
 
 
 @pytest.mark.parametrize("corrector_input", ["all", "masked"])
@@ -67,13 +74,13 @@ def test_pass_one_has_no_gradient_and_stores_no_activations():
     model = DiT(CFG, ModelShape(VOCAB, L))
     randomise(model)
     recorder = Recorder(model)
-    compute_losses(recorder, make_batch(), objective(), step=0, mode="two_pass")
+    run(recorder, make_batch(), objective(), step=0, mode="two_pass")
     (b1, grad1, saved1, req1), (b2, grad2, saved2, req2) = recorder.calls
     assert (b1, grad1, saved1, req1) == (6, False, 0, False)
     assert (b2, grad2, req2) == (12, True, True) and saved2 > 0
 
     recorder.calls.clear()
-    compute_losses(recorder, make_batch(), objective(), step=0, mode="reuse")
+    run(recorder, make_batch(), objective(), step=0, mode="reuse")
     assert [(c[0], c[1]) for c in recorder.calls] == [(6, True), (6, True)]
 
 
@@ -82,9 +89,9 @@ def test_corrector_start_step_gives_plain_mdlm_before():
     randomise(model)
     recorder = Recorder(model)
     obj = objective(corrector_training_start_step=5)
-    before = compute_losses(recorder, make_batch(), obj, step=4, mode="reuse")
+    before = run(recorder, make_batch(), obj, step=4, mode="reuse")
     assert len(recorder.calls) == 1 and before.corrector.abs().sum() == 0
-    compute_losses(recorder, make_batch(), obj, step=5, mode="reuse")
+    run(recorder, make_batch(), obj, step=5, mode="reuse")
     assert len(recorder.calls) == 3
 
 
@@ -100,9 +107,8 @@ def test_tiny_model_memorises_eight_sequences():
     for step in range(400):
         batch = {"tokens": tokens, "valid": torch.ones(32, dtype=torch.bool),
                  "position": torch.arange(32 * step, 32 * step + 32)}
-        losses = compute_losses(model, batch, obj, step=step, mode="reuse")
         optimizer.zero_grad()
-        (losses.total.sum() / losses.total.numel()).backward()
+        forward_backward(LocalRunner(model), [batch], obj, step=step, mode="reuse", backward_scale=1.0 / tokens.numel())
         optimizer.step()
     model.eval()
     with torch.no_grad():
@@ -113,8 +119,10 @@ def test_tiny_model_memorises_eight_sequences():
         y = torch.where(masked, denoised, data["tokens"])
         corrected = suppress_logits(model(y), MASK, VOCAB).argmax(-1)
         validation = Objective.build(DiffusionConfig(), mask_id=MASK, vocab_size=VOCAB, seed=1, global_batch_size=8)
-        nelbo = sum(compute_losses(model, {**data, "position": torch.arange(8 * k, 8 * k + 8)}, validation, step=0,
-                                   training=False).mdlm.mean().item() for k in range(20)) / 20
+        runner = LocalRunner(model)
+        sums = [forward_backward(runner, [{**data, "position": torch.arange(8 * k, 8 * k + 8)}], validation, step=0)
+                for k in range(20)]
+        nelbo = sum((m.mdlm / m.tokens).item() for m in sums) / 20
     assert (denoised[masked] == data["tokens"][masked]).float().mean() > 0.9
     assert (corrected == data["tokens"]).float().mean() > 0.98
     assert nelbo < 0.7  # from about 3.2 at initialisation; the floor is log(8)/16 = 0.13

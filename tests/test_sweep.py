@@ -1,5 +1,6 @@
-"""`proseco eval` and `proseco sweep` end to end on tiny real runs (a SMILES-like and a text corpus,
-char tokenizers, a few training steps), plus the grid and table helpers."""
+"""`proseco eval`, `proseco sweep` and the end-of-run sample report end to end on tiny real runs
+(a SMILES-like and a text corpus, char tokenizers, a few training steps), plus the grid and table
+helpers."""
 
 import json
 import math
@@ -20,14 +21,17 @@ FRAGMENTS = ["C", "CC", "CCC", "O", "N", "C(=O)", "c1ccccc1", "C(C)", "CO", "CN"
 WORDS = "the a king queen sword crown night day love war speaks runs falls sleeps red old young".split()
 
 
-def tiny_run(shards: Path, run_dir: Path, *overrides: str) -> Path:
-    cfg = load_config(None, [
+def tiny_overrides(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return [
         f"data.shards={shards}", f"logging.run_dir={run_dir}", "model.d_model=32", "model.n_layers=2",
         "model.n_heads=2", "model.cond_dim=16", "data.global_batch_size=8", "data.micro_batch_size=8",
         "data.num_workers=0", "optim.warmup_steps=2", "optim.lr=3e-3", "train.eval_every=0", "train.eval_batches=1",
         "checkpoint.every=0", "logging.progress=false", "sampling.num_samples=2", "sampling.batch_size=2",
-        "sampling.steps=2", "train.max_steps=4", *overrides])
-    train(cfg)
+        "sampling.steps=2", "train.max_steps=4", *overrides]
+
+
+def tiny_run(shards: Path, run_dir: Path, *overrides: str) -> Path:
+    train(load_config(None, tiny_overrides(shards, run_dir, *overrides)))
     return run_dir
 
 
@@ -36,12 +40,13 @@ def smiles_run(tmp_path_factory) -> Path:
     """A 4-step ProSeCo run on SMILES-like lines, one molecule per padded 24-token sample."""
     root = tmp_path_factory.mktemp("smiles")
     rng = random.Random(0)
-    corpus = root / "smiles.txt"  # "smiles" in the corpus name makes the run a SMILES run
+    corpus = root / "smiles.txt"
     corpus.write_text("\n".join("".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 3)))
                                 for _ in range(300)) + "\n")
     train_tokenizer(str(corpus), "char", root / "tok", line_documents=True)
+    # content="smiles" in the manifest makes the run a SMILES run (scored by RDKit).
     shard_corpus(str(corpus), root / "tok", seq_len=24, out=root / "shards", packing="pad", samples_per_shard=64,
-                 workers=1, val_fraction=0.1, line_documents=True)
+                 workers=1, val_fraction=0.1, line_documents=True, content="smiles")
     return tiny_run(root / "shards", root / "run")
 
 
@@ -123,7 +128,8 @@ def test_sweep_writes_one_consistent_row_per_grid_point(smiles_run, tmp_path):
         assert smiles_metrics([k["text"] for k in kept], with_properties=False)["n_valid"] == row["n_valid"]
         assert sum(k["nfe_total"] for k in kept) / 6 == pytest.approx(row["nfe_total"])
     table = (out / "sweep.md").read_text().strip().splitlines()
-    assert table[0].startswith("| model | T | S | omega | NFE den | NFE cor | NFE total | validity | uniqueness | novelty")
+    header = "| model | T | S | omega | NFE den | NFE cor | NFE total | validity | uniqueness | novelty"
+    assert table[0].startswith(header)
     assert len(table) == 2 + len(expected)
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # --merge re-renders the same rows from CSV without sampling.
@@ -196,3 +202,15 @@ def test_claim_report_compares_every_proseco_checkpoint_with_the_mdlm_curve(smil
     assert cost["| moses-proseco@2"][2] == "2" and cost["| moses-proseco"][2] == "4"
     assert float(cost["| moses-proseco@2"][5]) == pytest.approx(float(cost["| moses-proseco"][5]) / 2, abs=1e-3)
     assert float(cost["| moses-proseco"][5]) == pytest.approx(2 * float(cost["| moses-mdlm"][5]), abs=1e-3)
+
+
+def test_train_command_writes_the_sample_report(text_run, tmp_path, capsys):
+    """`proseco train` samples the finished run's final EMA weights: three settings, table and rows."""
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", *tiny_overrides(text_run.parent / "shards", run_dir, "train.max_steps=2")]) == 0
+    report = (run_dir / "samples.md").read_text()
+    assert "MDLM at equal NFE" in report and "unigram_entropy" in report
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["MDLM (no correction)", "ProSeCo (S=2, every 1)", "MDLM at equal NFE"]
+    assert rows[2]["steps"] == round(rows[1]["nfe_total"]) and rows[2]["nfe_corrector"] == 0
+    assert "samples (EMA weights):\n" + report.rstrip("\n") in capsys.readouterr().out

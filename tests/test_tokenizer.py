@@ -11,19 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pretrain.errors import UserError
 from tokenizer import corpora
 from tokenizer.cli import add_commands
-from tokenizer.corpora import CorpusError, SHAKESPEARE_VAL_PLAYS, iter_documents, markdown_to_text
-from tokenizer.errors import UserError
+from tokenizer.corpora import SHAKESPEARE_VAL_PLAYS, CorpusError, iter_documents, markdown_to_text
 from tokenizer.tokenizers import (
-    CONFIG_FILE, MASK_TEXT, SPM_MODEL_FILE, TokenizerError, UnknownCharacterError, load_tokenizer)
+    CONFIG_FILE,
+    MASK_TEXT,
+    SPM_MODEL_FILE,
+    TokenizerError,
+    UnknownCharacterError,
+    load_tokenizer,
+)
 from tokenizer.train import OutputExistsError, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 ADVERSARIAL = [
     "", " ", "   ", "\t", "\n", "\n\n\n", "  leading", "trailing  ", "\t\ttabs\tinside\t", "a  b   c    d",
-    " \n \t \r\n mixed \r", "line one\nline two\n\n  indented\n", "日本語のテキスト、漢字。", "emoji 🎉👍🏽 family 👨‍👩‍👧",
+    " \n \t \r\n mixed \r", "line one\nline two\n\n  indented\n", "日本語のテキスト、漢字。",
+    "emoji 🎉👍🏽 family 👨‍👩‍👧",
     "Ünïcödé ñ ß ŉ ǅ Å (A + ring: Å)", "never seen: ᚠᛇᚻ ꙮ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u0000 \u200b \ufeff",
     "literal specials: [MASK] <s></s><pad><unk> <|endoftext|>",
     "sentencepiece's own space symbol: a\u2581b \u2581\u2581",

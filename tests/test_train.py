@@ -12,10 +12,11 @@ import pretrain.train as train_module
 from pretrain.checkpoint import Checkpointer, latest_checkpoint, list_checkpoints, load_model
 from pretrain.cli import main as cli_main
 from pretrain.config import load_config
+from pretrain.errors import UserError
 from pretrain.metrics import read_metrics
+from pretrain.report import write_sample_report
 from pretrain.train import NonFiniteError, train
 from tests.helpers import make_word_shards
-from tokenizer.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
     straight = train(tiny_config(shards, tmp_path / "a"))
     train(tiny_config(shards, tmp_path / "b", "train.max_steps=3"))
     resumed = train(tiny_config(shards, tmp_path / "b"))
+    write_sample_report(tmp_path / "b", torch.device("cpu"))  # what `proseco train` does after train()
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
     straight.pop("seconds"), resumed.pop("seconds")
     assert straight == resumed  # final validation metrics, bit for bit
@@ -65,19 +67,22 @@ def test_two_pass_mode_trains_like_reuse_without_dropout(shards, tmp_path):
 
 
 def test_nonfinite_loss_stops_before_the_update_and_keeps_the_checkpoint(shards, tmp_path, monkeypatch):
-    real = train_module.compute_losses
+    real = train_module.forward_backward
 
-    def poisoned(model, batch, objective, step, *args, **kwargs):
-        losses = real(model, batch, objective, step, *args, **kwargs)
-        if step == 4:  # the fifth optimizer step
-            losses.total = losses.total * float("nan")
-        return losses
+    def poisoned(runner, batches, objective, step, *args, **kwargs):
+        metrics = real(runner, batches, objective, step, *args, **kwargs)
+        if step == 4:  # the fifth optimizer step: a NaN loss whose gradients are NaN too
+            for part in runner.parts:
+                for p in part.parameters():
+                    p.grad.mul_(float("nan"))
+            metrics.loss = metrics.loss * float("nan")
+        return metrics
 
-    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    monkeypatch.setattr(train_module, "forward_backward", poisoned)
     with pytest.raises(NonFiniteError, match="non-finite loss at step 4"):
         train(tiny_config(shards, tmp_path / "run"))
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"
-    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    monkeypatch.setattr(train_module, "forward_backward", poisoned)
     result = train(tiny_config(shards, tmp_path / "skip", "train.on_nonfinite=skip"))
     assert result["step"] == 6 and all(v == v for v in train_losses(tmp_path / "skip").values() if v is not None)
 

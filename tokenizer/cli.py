@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from tokenizer.errors import UserError
+from pretrain.errors import UserError
 
 
 def _corpus_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def _shard(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     manifest = shard_corpus(args.corpus, args.tokenizer, args.seq_len, args.out, packing=args.packing,
                             samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed,
-                            overwrite=args.overwrite, **_corpus_options(args))
+                            overwrite=args.overwrite, content=args.content, **_corpus_options(args))
     splits = ", ".join(f"{name} {split.samples} samples in {len(split.shards)} shards"
                        for name, split in manifest.splits.items())
     stats = manifest.stats
@@ -72,6 +72,7 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser, corpus_required: bool
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `tokenizer train|shard|verify` on the top-level subparsers of `proseco`."""
+    from tokenizer.corpora import CONTENTS
     from tokenizer.shard import DEFAULT_SAMPLES_PER_SHARD, PACKINGS
     from tokenizer.train import KINDS
 
@@ -95,6 +96,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     shard.add_argument("--packing", choices=PACKINGS,
                        help="pack: documents joined and cut (default for bpe/unigram/gpt2); "
                             "pad: one document per sample (default for char)")
+    shard.add_argument("--content", choices=CONTENTS,
+                       help="what the documents are, which picks the judge of samples (default: the built-in "
+                            "corpus' own, text for a PATH; e.g. --content smiles for a file of SMILES)")
     shard.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD,
                        help=f"samples per tar file (default {DEFAULT_SAMPLES_PER_SHARD})")
     shard.add_argument("--workers", type=int, default=2, help="processes for tokenizing and writing (default 2)")

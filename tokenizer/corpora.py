@@ -7,6 +7,10 @@ Built-ins (data shipped by pip packages, read as files, nothing downloaded):
 - ``moses``: the MOSES SMILES of the `molsets` package, one document per molecule; train is
   MOSES' train split, val its test split.
 
+Every corpus has a content, what its documents are (`CONTENTS`): a built-in declares its own in
+`BUILTINS`, a PATH corpus is text unless the caller says otherwise (``--content smiles`` for a
+file of SMILES). The shard manifest records it, and sample scoring picks its judge from it.
+
 Anything else is a PATH (for a file or folder named like a built-in, write ./NAME):
 
 - a folder: every ``*.txt`` and ``*.md`` file under it (recursively, sorted by path), one document each;
@@ -19,8 +23,9 @@ Anything else is a PATH (for a file or folder named like a built-in, write ./NAM
 A PATH corpus is split by hashing each document's text: a document goes to val when its hash
 falls below ``val_fraction`` (default 0.01). The split is deterministic, keeps duplicates on the
 same side, and, when there are two documents or more and val_fraction > 0, puts at least one in
-val (the smallest hash) and at least one in train. Empty documents are skipped everywhere. Options for every corpus: ``max_chars``
-keeps only documents of at most that many characters, ``limit`` caps the documents of a split.
+val (the smallest hash) and at least one in train. Empty documents are skipped everywhere.
+Options for every corpus: ``max_chars`` keeps only documents of at most that many characters,
+``limit`` caps the documents of a split.
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tokenizer.errors import UserError
+from pretrain.errors import UserError
 
 SPLITS = ("train", "val")
-BUILTINS = ("shakespeare", "moses")
+CONTENTS = ("text", "smiles")
+"""What the documents of a corpus are: natural-language text, or one SMILES molecule each."""
+BUILTINS = {"shakespeare": "text", "moses": "smiles"}
+"""The built-in corpora and the content each declares."""
 DEFAULT_VAL_FRACTION = 0.01
 DEFAULT_TEXT_FIELD = "text"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -261,6 +269,17 @@ def iter_documents(corpus: str, split: str, text_field: str | None = None, *, ma
         if max_chars is None or len(text) <= max_chars:
             count += 1
             yield text
+
+
+def builtin_content(name: str) -> str:
+    """The content the built-in corpus `name` declares; text for any other name (a PATH corpus)."""
+    return BUILTINS.get(name, "text")
+
+
+def described_content(description: str) -> str:
+    """The content of the corpus a `describe_corpus` description names, for manifests written
+    before they recorded it: its built-in's by exact name ("moses" or "moses(limit=10)"), else text."""
+    return builtin_content(description.partition("(")[0])
 
 
 def describe_corpus(corpus: str, text_field: str | None = None, **options: Any) -> str:

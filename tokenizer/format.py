@@ -19,14 +19,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tokenizer.errors import UserError
+from pretrain.errors import UserError
+from pretrain.files import atomic_write_bytes, atomic_write_text
+from tokenizer.corpora import CONTENTS, described_content
 
 FORMAT = "proseco-shards-v1"
 MANIFEST = "manifest.json"
@@ -70,6 +71,13 @@ class Manifest:
     stats: dict[str, int] = field(default_factory=dict)
     format: str = FORMAT
     fingerprint: str = ""
+    content: str = "text"
+    """What the documents are, one of tokenizer.corpora.CONTENTS ("text" or "smiles"); it picks the
+    judge of samples. Not in the fingerprint: it does not change the tokens."""
+
+    def __post_init__(self) -> None:
+        if self.content not in CONTENTS:
+            raise ValueError(f"content {self.content!r} is not one of {', '.join(CONTENTS)}")
 
     def compute_fingerprint(self) -> str:
         """Hash of everything that determines the token stream (not timestamps or stats)."""
@@ -85,6 +93,8 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
+        # Written before manifests recorded the content: the one its built-in corpus declares.
+        raw.setdefault("content", described_content(raw["corpus"]))
         splits = {name: SplitInfo(samples=s["samples"], shards=[ShardInfo(**x) for x in s["shards"]])
                   for name, s in raw.pop("splits").items()}
         return cls(splits=splits, **raw)
@@ -158,18 +168,14 @@ def write_shard(path: Path, samples: np.ndarray, first_key: int) -> ShardInfo:
     """Write samples [n, seq_len] as a webdataset tar; written to a temporary name, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = shard_bytes(np.asarray(samples), first_key)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(body)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, body)
     return ShardInfo(path=str(path), samples=len(samples), first_key=first_key, bytes=len(body),
                      sha256=hashlib.sha256(body).hexdigest())
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     manifest.fingerprint = manifest.compute_fingerprint()
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, manifest.to_json())
 
 
 def read_manifest(folder: str | Path) -> Manifest:

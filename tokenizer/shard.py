@@ -32,11 +32,20 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from tokenizer.corpora import SPLITS, CorpusError, describe_corpus, iter_documents
-from tokenizer.errors import UserError
+from pretrain.errors import UserError
+from tokenizer.corpora import CONTENTS, SPLITS, CorpusError, builtin_content, describe_corpus, iter_documents
 from tokenizer.format import (
-    MANIFEST, Manifest, ShardError, ShardInfo, SplitInfo, member_stride, read_manifest, token_dtype, write_manifest,
-    write_shard)
+    MANIFEST,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    SplitInfo,
+    member_stride,
+    read_manifest,
+    token_dtype,
+    write_manifest,
+    write_shard,
+)
 from tokenizer.tokenizers import CONFIG_FILE, Tokenizer, TokenizerError, compute_sha256, load_tokenizer, read_config
 from tokenizer.train import atomic_folder, check_output
 
@@ -215,9 +224,11 @@ def _check_train_split(split: TokenizedSplit, layout: Layout, corpus: str) -> No
 # Entry points
 
 
-def _check_options(seq_len: int, packing: str, samples_per_shard: int, workers: int) -> None:
+def _check_options(seq_len: int, packing: str, samples_per_shard: int, workers: int, content: str) -> None:
     if packing not in PACKINGS:
         raise ShardingError(f"--packing {packing!r} is unknown; choose one of {', '.join(PACKINGS)}")
+    if content not in CONTENTS:
+        raise ShardingError(f"--content {content!r} is unknown; choose one of {', '.join(CONTENTS)}")
     if seq_len < 3:
         raise ShardingError(f"--seq-len {seq_len} leaves no room between BOS and EOS; use at least 3 (e.g. 128)")
     if samples_per_shard < 1:
@@ -243,16 +254,20 @@ def _write_splits(mapper: Callable, folder: Path, splits: dict[str, np.ndarray],
 
 def shard_corpus(corpus: str, tokenizer: str | Path, seq_len: int, out: str | Path, *, packing: str | None = None,
                  samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 2, seed: int = 0,
-                 overwrite: bool = False, text_field: str | None = None, **corpus_options: Any) -> Manifest:
+                 overwrite: bool = False, text_field: str | None = None, content: str | None = None,
+                 **corpus_options: Any) -> Manifest:
     """Tokenize both splits of `corpus` into shuffled shards under `out`; returns the manifest written.
 
-    `corpus_options` are those of `tokenizer.corpora.iter_documents` (max_chars, limit, val_fraction, ...).
+    `content` is what the documents are ("text" or "smiles"), recorded in the manifest; by default
+    the content a built-in corpus declares, text for a PATH corpus. `corpus_options` are those of
+    `tokenizer.corpora.iter_documents` (max_chars, limit, val_fraction, ...).
     """
     out = Path(out)
     check_output(out, overwrite, MANIFEST)  # before any work
     tok = load_tokenizer(tokenizer)
     packing = packing or default_packing(tok)
-    _check_options(seq_len, packing, samples_per_shard, workers)
+    content = content or builtin_content(corpus)
+    _check_options(seq_len, packing, samples_per_shard, workers, content)
     dtype = token_dtype(tok.vocab_size)
     layout = Layout(packing, seq_len, dtype, tok.bos_id, tok.eos_id, tok.pad_id)
     with _mapper(workers) as mapper:
@@ -274,7 +289,8 @@ def shard_corpus(corpus: str, tokenizer: str | Path, seq_len: int, out: str | Pa
             manifest = Manifest(seq_len=seq_len, dtype=dtype, packing=packing,
                                 corpus=describe_corpus(corpus, text_field, **corpus_options),
                                 tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, splits=splits,
-                                stats={**stats, "seed": seed, "samples_per_shard": samples_per_shard})
+                                stats={**stats, "seed": seed, "samples_per_shard": samples_per_shard},
+                                content=content)
             write_manifest(tmp, manifest)
     return manifest
 

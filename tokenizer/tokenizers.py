@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tokenizer.errors import UserError
+from pretrain.errors import UserError
 
 CONFIG_FILE = "tokenizer.json"
 SPM_MODEL_FILE = "spm.model"

@@ -22,11 +22,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from pretrain.errors import UserError
 from tokenizer.corpora import CorpusError, describe_corpus, iter_documents
-from tokenizer.errors import UserError
 from tokenizer.tokenizers import (
-    CONFIG_FILE, GPT2_RANKS_FILE, MASK_TEXT, SPM_MODEL_FILE, Tokenizer, TokenizerError, load_tokenizer,
-    write_config)
+    CONFIG_FILE,
+    GPT2_RANKS_FILE,
+    MASK_TEXT,
+    SPM_MODEL_FILE,
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    write_config,
+)
 
 KINDS = ("bpe", "unigram", "char", "gpt2")
 
@@ -154,7 +161,7 @@ def train_sentencepiece(documents: Iterable[str], model_type: str, vocab_size: i
             control_symbols=[MASK_TEXT], num_threads=threads, minloglevel=2, **SPM_SPECIAL_IDS)
     except RuntimeError as err:
         if errors:
-            raise errors[0]
+            raise errors[0] from err
         if stats["documents"] == 0:
             raise CorpusError("the corpus has no training documents; "
                               "check --corpus (and --max-chars/--limit)") from None

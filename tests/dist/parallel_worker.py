@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from parallel.data_parallel import global_grad_norm
 from parallel.env import DistEnv, detect_launch, init_distributed
+from parallel.gradients import global_grad_norm
 from pretrain.checkpoint import app_state
 from pretrain.config import load_config, validate
-from pretrain.model import DiT
+from pretrain.models.dit.model import DiT
 from pretrain.train import Trainer, train
 
 TINY = ["model.d_model=32", "model.n_layers=4", "model.n_heads=4", "model.cond_dim=16", "model.vocab_multiple=8",
@@ -39,7 +39,7 @@ def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(full(tensor).detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def one_step(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def one_step(trainer: Trainer) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Loss terms and full gradients of the first global batch, on this trainer's layout."""
     batches = iter(trainer.loader)
     sums = trainer.forward_backward([next(batches) for _ in range(trainer.accum)])
@@ -101,8 +101,9 @@ def parity(shards: str, out: str, env: DistEnv) -> None:
             grad_error = max(errors.values())
             worst = max(errors, key=errors.get)
             grad_scale = max(g.abs().max().item() for g in ref_grads.values())
-            results.append({"mode": mode, "layout": " ".join(layout), "loss": sums[0].item(),
-                            "reference_loss": ref_sums[0].item(), "loss_error": (sums - ref_sums).abs().max().item(),
+            results.append({"mode": mode, "layout": " ".join(layout), "loss": sums["loss"],
+                            "reference_loss": ref_sums["loss"],
+                            "loss_error": max(abs(sums[k] - ref_sums[k]) for k in ref_sums),
                             "grad_error": grad_error, "grad_scale": grad_scale, "worst": worst,
                             "names_match": sorted(grads) == sorted(ref_grads)})
     if env.rank == 0:

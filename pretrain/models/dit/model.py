@@ -5,9 +5,10 @@ attention over the whole sequence (bidirectional), weight-only LayerNorm in fp32
 untied input embedding and output layer. Module names follow the official Hugging Face layout
 (kuleshov-group/proseco-owt, mdlm-owt), so its checkpoints map onto this model by renaming,
 except that the fused `attn_qkv` is split into `attn_q`, `attn_k`, `attn_v`: separate projections
-are what tensor parallelism shards by heads (see pretrain/convert.py).
+are what tensor parallelism shards by heads (see checkpoint_names.py beside this file).
 
-Parallelism is applied from outside (parallel/): nothing here knows about meshes. The blocks
+Parallelism is applied from outside (parallelize.py beside this file): nothing here knows about
+meshes. The blocks
 live in a ModuleDict keyed "0".."n-1" so that pipeline stages, which delete the blocks they do not
 own, keep the same parameter names as the full model.
 """
@@ -16,24 +17,15 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import ModelConfig
+from pretrain.models import ModelShape
+from pretrain.models.dit.config import DiTConfig
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal features of sigma, as upstream
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the model needs beyond ModelConfig: sizes fixed by the data."""
-
-    vocab_size: int
-    seq_len: int
-
 
 def _flash_attn_func():
     try:
@@ -66,7 +58,8 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, cond_dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(FREQUENCY_EMBEDDING_SIZE, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.mlp = nn.Sequential(nn.Linear(FREQUENCY_EMBEDDING_SIZE, cond_dim), nn.SiLU(),
+                                 nn.Linear(cond_dim, cond_dim))
 
     @staticmethod
     def frequency_embedding(sigma: torch.Tensor, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: float = 10000.0):
@@ -124,7 +117,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
 class DiTBlock(nn.Module):
     """x + gate * Dropout(Attn(modulate(LN(x)))), then the same with the MLP."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DiTConfig):
         super().__init__()
         d = cfg.d_model
         self.head_dim = d // cfg.n_heads
@@ -147,7 +140,8 @@ class DiTBlock(nn.Module):
         return projected.view(*projected.shape[:2], -1, self.head_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         q, k = self._heads(self.attn_q(h)), self._heads(self.attn_k(h))
         # The rotary tables follow q: the whole sequence even when x holds a slice of it.
@@ -159,7 +153,7 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: DiTConfig, vocab_size: int):
         super().__init__()
         self.norm_final = LayerNorm(cfg.d_model)
         self.linear = nn.Linear(cfg.d_model, vocab_size)
@@ -173,13 +167,13 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """tokens [B, L] (+ sigma [B]) -> logits [B, L, vocab_size] (raw: no mask suppression, no SUBS)."""
 
-    def __init__(self, cfg: ModelConfig, shape: ModelShape, device: torch.device | str | None = None):
+    def __init__(self, cfg: DiTConfig, shape: ModelShape, device: torch.device | str | None = None):
         super().__init__()
         self.cfg, self.shape = cfg, shape
         with torch.device(device) if device is not None else nullcontext():
             self._build(cfg, shape)
 
-    def _build(self, cfg: ModelConfig, shape: ModelShape) -> None:
+    def _build(self, cfg: DiTConfig, shape: ModelShape) -> None:
         self.vocab_embed = nn.Embedding(shape.vocab_size, cfg.d_model)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.rotary_emb = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base)
@@ -228,7 +222,7 @@ class DiT(nn.Module):
         return self.output_layer(x, c)
 
 
-def forward_flops_per_sequence(cfg: ModelConfig, shape: ModelShape, seq_len: int | None = None) -> int:
+def forward_flops_per_sequence(cfg: DiTConfig, shape: ModelShape, seq_len: int | None = None) -> int:
     """Forward FLOPs of one sequence (multiply-add = 2 FLOPs), bidirectional attention included.
 
     A training step costs 3x the forward (backward = 2x). Checked against torch's FlopCounterMode
@@ -242,7 +236,3 @@ def forward_flops_per_sequence(cfg: ModelConfig, shape: ModelShape, seq_len: int
     per_sequence_cond = 2 * (FREQUENCY_EMBEDDING_SIZE * cond + cond * cond) + 2 * cond * 2 * d
     return (cfg.n_layers * (per_token_block * length + per_sequence_block)
             + per_token_head * length + per_sequence_cond)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,109 @@
+"""How a job is laid out over its processes: the `parallel:` section of a run config.
+
+A library-side config, as OLMo-core's `TensorParallelConfig`: the application embeds it in its
+own run config, and `problems()` checks it against the world size before any process group
+exists. Checks that need the model (heads divisible by tp, ...) belong to the model's own plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ParallelConfig:
+    """Layout of the device mesh and how each dimension is applied."""
+
+    dp: int = -1
+    """Data-parallel size; -1 infers it as world_size / (tp * pp)."""
+    tp: int = 1
+    """Tensor-parallel size (attention heads and the vocabulary are split)."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    sequence_parallel: bool = False
+    """With tp > 1, shard norms and dropouts along the sequence."""
+    data_parallel: Literal["fsdp", "fsdp_no_reshard", "ddp"] = "fsdp"
+    """fsdp: full sharding (ZeRO-3); fsdp_no_reshard: keep parameters after forward (ZeRO-2-like);
+    ddp: replicated parameters."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule."""
+    pp_virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved_1f1b needs at least 2)."""
+    pp_layers_per_stage: list[int] | None = None
+    """Blocks per stage (its length is pp * pp_virtual_stages); None balances automatically."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP parameter dtype during compute; gradients are always reduced in fp32."""
+    timeout_s: float = 600.0
+    """Collective timeout: a dead or stuck rank ends the job with an error after this long."""
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages over all ranks (pp * pp_virtual_stages)."""
+        return self.pp * self.pp_virtual_stages
+
+    def resolve_dp(self, world_size: int) -> int:
+        """Data-parallel size for a world of `world_size` processes (after `problems` found none)."""
+        return self.dp if self.dp > 0 else world_size // (self.tp * self.pp)
+
+    def problems(self, world_size: int, num_layers: int) -> list[str]:
+        """Every reason this layout cannot run `num_layers` blocks on `world_size` processes,
+        each naming the field and the fix (empty: it can)."""
+        found: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                found.append(message)
+
+        for name in ("tp", "pp", "pp_virtual_stages"):
+            need(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
+        need(self.dp == -1 or self.dp >= 1, "parallel.dp must be -1 (infer from the world size) or >= 1")
+        need(self.timeout_s > 0, "parallel.timeout_s must be positive")
+        model_parallel = max(self.tp, 1) * max(self.pp, 1)
+        need(world_size % model_parallel == 0, f"world size {world_size} is not divisible by parallel.tp * "
+             f"parallel.pp = {model_parallel}; launch a multiple of tp * pp processes")
+        need(self.dp <= 0 or self.dp * model_parallel == world_size,
+             f"parallel.dp * tp * pp = {self.dp * model_parallel} but {world_size} processes were launched; "
+             "set parallel.dp=-1 to infer it or launch that many")
+        found += self._pipeline_problems(num_layers)
+        return found
+
+    def _pipeline_problems(self, num_layers: int) -> list[str]:
+        stages = self.num_stages
+        found = []
+        if self.pp_layers_per_stage is not None:
+            if len(self.pp_layers_per_stage) != stages:
+                found.append(f"parallel.pp_layers_per_stage has {len(self.pp_layers_per_stage)} entries; it needs "
+                             f"pp * pp_virtual_stages = {stages}")
+            if sum(self.pp_layers_per_stage) != num_layers or min(self.pp_layers_per_stage, default=0) < 1:
+                found.append(f"parallel.pp_layers_per_stage must be positive and sum to model.n_layers={num_layers}")
+        elif self.pp > 1 and num_layers % stages:
+            found.append(f"model.n_layers={num_layers} is not divisible by pp * pp_virtual_stages = {stages}; "
+                         "change n_layers or give parallel.pp_layers_per_stage")
+        if self.pp_schedule == "interleaved_1f1b" and self.pp > 1 and self.pp_virtual_stages < 2:
+            found.append("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2")
+        if self.pp_virtual_stages > 1 and self.pp_schedule != "interleaved_1f1b":
+            found.append("parallel.pp_virtual_stages > 1 needs parallel.pp_schedule=interleaved_1f1b")
+        return found
+
+    def microbatch_problems(self, microbatches: int) -> list[str]:
+        """What the pipeline schedule needs of the micro-batches each rank runs per step."""
+        if self.pp == 1:
+            return []
+        found = []
+        if microbatches < self.pp:
+            found.append(f"with parallel.pp={self.pp} each rank needs at least pp micro-batches per step, it has "
+                         f"{microbatches}; raise data.global_batch_size or lower data.micro_batch_size")
+        if self.pp_schedule == "interleaved_1f1b" and microbatches % self.pp:
+            found.append(f"parallel.pp_schedule=interleaved_1f1b needs the micro-batches per step ({microbatches}) to "
+                         f"be a multiple of parallel.pp={self.pp}; change data.global_batch_size or "
+                         "data.micro_batch_size")
+        return found
+
+    def layers_per_stage(self, num_layers: int) -> list[int]:
+        """Blocks of each pipeline stage: as configured, or an even split."""
+        if self.pp_layers_per_stage is not None:
+            return list(self.pp_layers_per_stage)
+        return [num_layers // self.num_stages] * self.num_stages

@@ -1,0 +1,215 @@
+"""The run config's sections: one typed dataclass each, a docstring under every field.
+
+A run is one `RunConfig`. Its `model:` section is the model family's own dataclass (a
+`pretrain.models.ModelConfig`, chosen by `model.family`), its `parallel:` section the parallel
+library's `ParallelConfig`; the other sections are the application's and live here. Reading
+(YAML, overrides, types) is in parse.py, cross-field checks in validate.py, the reference docs in
+docs.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from parallel.config import ParallelConfig
+from pretrain.models import DEFAULT_FAMILY, ModelConfig, family_config
+
+
+def _default_model() -> ModelConfig:
+    return family_config(DEFAULT_FAMILY)()
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule and the ProSeCo objective, switch for switch with the official code."""
+
+    noise_schedule: Literal["loglinear", "linear", "cosine", "geometric"] = "loglinear"
+    """sigma(t): loglinear (every ProSeCo run; loss weight exactly 1/t), linear, cosine, geometric."""
+    schedule_eps: float = 1e-3
+    """eps of the loglinear and cosine schedules: alpha_1 = eps, so no sequence is fully masked."""
+    sigma_min: float = 1e-4
+    """Smallest sigma of the linear and geometric schedules (ignored by loglinear, as upstream)."""
+    sigma_max: float = 20.0
+    """Largest sigma of the linear and geometric schedules (ignored by loglinear, as upstream)."""
+    antithetic_sampling: bool = True
+    """Stratify t over the global batch: sample i draws t from the i-th of B equal strata."""
+    sampling_eps_training: float = 0.1
+    """Lower bound of t in training (the released runs use 0.1: t ~ U[0.1, 1], weight <= 10)."""
+    sampling_eps_validation: float = 1e-3
+    """Lower bound of t in validation (t ~ U[1e-3, 1]), as the official code."""
+    corrector_training: bool = True
+    """Train the model to correct its own argmax reconstructions (ProSeCo). False: plain MDLM."""
+    corrector_input: Literal["all", "masked"] = "all"
+    """all: the corrector sees the model's output at every position (released runs);
+    masked: model output at masked positions, clean tokens elsewhere."""
+    corrector_prior: Literal["argmax", "sample"] = "argmax"
+    """How the corrector input is drawn from the first pass: argmax (paper) or a categorical sample."""
+    weighted_corrector_loss: bool = True
+    """Weight the corrector loss by the MDLM weight dsigma/expm1(sigma) (= 1/t), as the paper."""
+    corrector_errors_upweighted: bool = True
+    """Released OWT run's variant: log-loss where the corrector input is wrong, -p where right."""
+    mdlm_loss_weight: float = 1.0
+    """Scalar on the MDLM loss (the official config defaults to 0; the released runs use 1)."""
+    corrector_loss_weight: float = 1.0
+    """Scalar on the corrector loss (the official config defaults to 0; the released runs use 1)."""
+    corrector_training_start_step: int = 0
+    """Train plain MDLM before this optimizer step, then the joint loss (0 or -1: from the start)."""
+
+
+@dataclass
+class DataConfig:
+    """Token shards and how they are streamed."""
+
+    shards: str = "data/shakespeare/shards"
+    """Folder written by `proseco tokenizer shard` (manifest.json, train/ and val/ shards)."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step, summed over data-parallel ranks and accumulation steps."""
+    micro_batch_size: int = 32
+    """Sequences per forward pass on one data-parallel rank."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    shuffle: bool = True
+    """Shuffle shard order and rotate within shards each epoch (seeded; exact on resume)."""
+    max_corrupt_fraction: float = 0.01
+    """Fail when more than this fraction of samples in a shard, or of shards, is unreadable."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, learning-rate schedule, clipping and EMA (defaults: the paper's OWT run)."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 2500
+    """Linear warm-up from 0 to lr over this many optimizer steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant (OWT run) or cosine decay to min_lr_ratio * lr at train.max_steps."""
+    min_lr_ratio: float = 0.01
+    """Floor of the cosine schedule as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    ema_decay: float = 0.9999
+    """EMA of the weights, with warm-up min(decay, (1+n)/(10+n)); 0 disables. Evaluation and
+    sampling use the EMA weights."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    seed: int = 1
+    """Seeds initialisation, masking, noise levels and data order."""
+    step_mode: Literal["two_pass", "reuse"] = "reuse"
+    """two_pass: a no-grad forward builds the corrector input, then one forward of both halves;
+    reuse: the graded forward of z_t also gives the argmax (the official code's cost)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast for the blocks (weights and LayerNorm stay fp32). fp32 is exact and is the
+    default on CPU, where bf16 backward is about five times slower."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto picks CUDA when available."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/Inf loss or gradient never reaches the weights: stop the run, or skip the step."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip, stop after this many consecutive skipped steps."""
+    eval_every: int = 200
+    """Validate every this many steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation (0: the whole validation split)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (DCP), atomic and reshardable."""
+
+    every: int = 500
+    """Save every this many steps (0: only at the end and on preemption)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints."""
+    keep_every: int = 0
+    """Also keep, permanently, the checkpoints of steps that are multiples of this (0: none), e.g.
+    for comparisons at equal training FLOPs or for annealing from a mid-run state."""
+    resume: str = "auto"
+    """auto: continue from the latest complete checkpoint in the run folder, if any;
+    none: start fresh (fails if the run folder holds checkpoints); or a checkpoint path."""
+    async_save: bool = False
+    """Write checkpoints in the background while training continues."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how a run reports."""
+
+    run_dir: str = "runs/default"
+    """Run folder: resolved config, metrics.jsonl, checkpoints/, plots, samples."""
+    log_every: int = 10
+    """Write training metrics every this many steps."""
+    progress: bool = True
+    """Rank-0 progress bar with loss, tokens/s and ETA."""
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    """Weights & Biases mode (offline and disabled need no network)."""
+    wandb_project: str = "proseco-pretrain"
+    """Weights & Biases project."""
+
+
+@dataclass
+class SamplingConfig:
+    """The ProSeCo sampler (MDLM ancestral sampling with corrector loops)."""
+
+    steps: int = 64
+    """Unmasking steps T."""
+    num_samples: int = 16
+    """Samples drawn at the end of training and by `proseco sample` by default."""
+    batch_size: int = 16
+    """Samples generated at once."""
+    nucleus_p: float = 1.0
+    """Top-p applied to every distribution the sampler draws from (1.0 disables)."""
+    float64: bool = True
+    """Sample from float64 probabilities (avoids the low-precision Gumbel bias)."""
+    use_cache: bool = True
+    """Reuse the last forward when the input did not change (no NFE spent)."""
+    corrector_steps: int = 0
+    """Corrector iterations per loop S (0: plain MDLM sampling)."""
+    corrector_every: int = 1
+    """Run a corrector loop after every this many unmasking steps (omega)."""
+    corrector_start_iter: int = 0
+    """Run corrector loops only from this unmasking step on."""
+    corrector_sampling: Literal["argmax", "sample", "select_top_k"] = "argmax"
+    """How each corrector iteration updates the sequence."""
+    corrector_top_k: int = 0
+    """With select_top_k: change at most this many positions per iteration."""
+    corrector_prior: Literal["argmax", "sample"] = "argmax"
+    """Initial corrector input: argmax of the denoiser, or a sample from it."""
+    denoise_final: bool = False
+    """Fill masks left after the last step with the argmax (off, as the official sampler)."""
+    block_length: int | None = None
+    """Semi-autoregressive blocks of this length with low-confidence unmasking (None: off)."""
+    temperature: float = 0.0
+    """Block mode: 0 unmasks the argmax (greedy, as LLaDA's harness), > 0 samples at this temperature."""
+    seed: int = 0
+    """Seed of the sampler's random draws."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run. YAML top-level keys are these sections."""
+
+    name: str = "default"
+    """Run name (used by logging backends)."""
+    model: ModelConfig = field(default_factory=_default_model)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -1,0 +1,44 @@
+"""Atomic file writes: a reader of `path` sees the old file or the whole new one, never a part.
+
+The new content is written to a temporary sibling (same folder, so the rename stays on one file
+system) and renamed over `path` with `os.replace`, which is atomic on POSIX. The temporary name is
+unique per call, so concurrent writers of the same path never write into each other's file; the
+last rename wins. No fsync: this guards against crashes and kills of the writer, not power loss.
+
+A leaf module (standard library only), so the tokenizer package may use it too.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of `path` to write to: renamed over `path` when the block succeeds,
+    removed when it raises. The caller writes it (any way: open, gzip, a library's save)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the block failed (or never wrote it)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically; returns `path` as a Path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns `path` as a Path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

@@ -1,0 +1,97 @@
+"""Scoring samples: which judge fits a run's corpus, and the metrics of a batch of sampled tokens.
+
+What the documents are is read from the shard manifest (`content`, recorded by `proseco
+tokenizer shard`), never guessed from the corpus name: "smiles" samples are judged by RDKit
+(validity, uniqueness, novelty against the run's own training molecules, properties), "text"
+samples by n-gram statistics and, when pocketsphinx is installed, the CMU trigram model. The
+metrics themselves live in pretrain/quality.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrain import quality
+from pretrain.config import RunConfig
+from pretrain.data import open_shards, open_split
+from tokenizer.format import Manifest, ShardReader
+from tokenizer.tokenizers import Tokenizer
+
+
+def is_smiles(manifest: Manifest) -> bool:
+    """Whether samples of a model trained on these shards are molecules (judged by RDKit)."""
+    return manifest.content == "smiles"
+
+
+def default_judge():
+    """The CMU trigram judge when pocketsphinx is installed (the eval extra), else None."""
+    try:
+        return quality.TrigramJudge()
+    except (ImportError, FileNotFoundError):  # the eval extra is not installed
+        return None
+
+
+@dataclass
+class Scorer:
+    """Turns one batch of sampled token ids into quality metrics for the run's kind of data."""
+
+    tokenizer: Tokenizer
+    smiles: bool
+    training_set: set[str] | None = None  # canonical training SMILES, for novelty
+    judge: object | None = None           # TrigramJudge for text (None: no perplexity)
+
+    def texts(self, tokens: torch.Tensor) -> list[str]:
+        """The decoded samples: one padded document each for SMILES, the whole sequence for text."""
+        if self.smiles:  # strict: a stray PAD or mask inside a molecule makes it invalid
+            return [self.tokenizer.decode_document(ids, strict=True) for ids in tokens.tolist()]
+        return [self.tokenizer.decode(ids) for ids in tokens.tolist()]
+
+    def score(self, tokens: torch.Tensor, texts: list[str] | None = None) -> dict:
+        """Metrics of a batch; `texts` are its decoded samples when the caller already has them."""
+        texts = self.texts(tokens) if texts is None else texts
+        if self.smiles:
+            metrics = quality.smiles_metrics(texts, self.training_set, with_properties=True)
+            # Valid, unique and novel molecules per sample drawn (the paper's QM9 x-axis, normalised).
+            metrics["vun"] = metrics.get("n_novel", metrics["n_unique"]) / max(len(texts), 1)
+        else:
+            metrics = quality.text_metrics(texts, token_ids=tokens.tolist(), judge=self.judge)
+        metrics["masked_left"] = float((tokens == self.tokenizer.mask_id).float().mean())
+        return metrics
+
+
+def training_documents(shards: str | Path) -> list[str]:
+    """Every document of the train split of a padded shard folder (one document per sample), decoded."""
+    manifest, tokenizer = open_shards(shards)
+    if manifest.packing != "pad":
+        raise ValueError(f"{shards} is packed: documents are cut across samples, so novelty needs --packing pad")
+    _, split = open_split(shards, "train")
+    documents: list[str] = []
+    for info, path, count in zip(split.infos, split.paths, split.counts):
+        tokens, ok = ShardReader(path, info, split.seq_len, split.dtype).read(0, count)
+        documents += [tokenizer.decode_document(row) for row, good in zip(tokens.tolist(), ok) if good]
+    return documents
+
+
+def build_scorer(cfg: RunConfig, tokenizer: Tokenizer, run_dir: Path, shards: str | Path | None = None,
+                 novelty: bool = True, log: Callable[[str], None] = print) -> Scorer:
+    """The scorer for the content of the run's shards (`shards`, default data.shards): SMILES
+    metrics, with `novelty` against the run's own training molecules (canonicalised once and
+    cached in run_dir/cache), or text metrics with the trigram judge."""
+    shards = Path(shards or cfg.data.shards)
+    manifest, _ = open_shards(shards)
+    if not is_smiles(manifest):
+        judge = default_judge()
+        if judge is None:
+            log("warning: pocketsphinx is not installed (pip install -e .[eval]): no trigram perplexity")
+        return Scorer(tokenizer, smiles=False, judge=judge)
+    training_set = None
+    if novelty:
+        started = time.perf_counter()
+        training_set = quality.canonical_set_cached(training_documents(shards), run_dir / "cache")
+        log(f"training set: {len(training_set)} canonical molecules ({time.perf_counter() - started:.1f} s)")
+    return Scorer(tokenizer, smiles=True, training_set=training_set)
