@@ -12,6 +12,7 @@ from tokenizer.shard import shard_corpus
 from tokenizer.train import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+FRAGMENTS = ["C", "CC", "CCC", "O", "N", "C(=O)", "c1ccccc1", "C(C)", "CO", "CN", "Cl", "F"]
 WORDS = "the a king queen sword crown night day love war speaks runs falls sleeps red old young".split()
 
 
@@ -27,6 +28,14 @@ def make_word_shards(root: Path, seq_len: int = 32, documents: int = 120) -> Pat
     shard_corpus(str(docs), root / "tok", seq_len=seq_len, out=root / "shards", packing="pack", samples_per_shard=40,
                  workers=1, val_fraction=0.1)
     return root / "shards"
+
+
+def write_smiles_lines(path: Path, lines: int) -> Path:
+    """SMILES-like lines (one to three fragments each; most, not all, valid molecules)."""
+    rng = random.Random(0)
+    path.write_text("\n".join("".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 3)))
+                              for _ in range(lines)) + "\n")
+    return path
 
 
 def torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """The judge of samples follows the content recorded in the shard manifest, not the corpus name."""
 
 import importlib.util
-import random
 from pathlib import Path
 
 import pytest
@@ -9,21 +8,17 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.scoring import build_scorer
+from tests.helpers import write_smiles_lines
 from tokenizer.shard import shard_corpus
 from tokenizer.tokenizers import load_tokenizer
 from tokenizer.train import train_tokenizer
-
-FRAGMENTS = ["C", "CC", "O", "N", "C(=O)", "c1ccccc1", "Cl"]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, Path]:
     """SMILES-like lines in a file whose name says "moses", and a char tokenizer for them."""
     root = tmp_path_factory.mktemp("scoring")
-    rng = random.Random(0)
-    path = root / "moses.txt"
-    path.write_text("\n".join("".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 3)))
-                              for _ in range(60)) + "\n")
+    path = write_smiles_lines(root / "moses.txt", 60)
     train_tokenizer(str(path), "char", root / "tok", line_documents=True)
     return path, root / "tok"
 

@@ -13,11 +13,11 @@ from pretrain.cli import main as cli_main
 from pretrain.config import load_config
 from pretrain.sweep import GridPoint, make_grid, markdown_table, read_rows
 from pretrain.train import train
+from tests.helpers import write_smiles_lines
 from tokenizer.shard import shard_corpus
 from tokenizer.train import train_tokenizer
 
 # Valid SMILES pieces; joined at random they give mostly valid molecules with a little structure.
-FRAGMENTS = ["C", "CC", "CCC", "O", "N", "C(=O)", "c1ccccc1", "C(C)", "CO", "CN", "Cl", "F"]
 WORDS = "the a king queen sword crown night day love war speaks runs falls sleeps red old young".split()
 
 
@@ -39,10 +39,7 @@ def tiny_run(shards: Path, run_dir: Path, *overrides: str) -> Path:
 def smiles_run(tmp_path_factory) -> Path:
     """A 4-step ProSeCo run on SMILES-like lines, one molecule per padded 24-token sample."""
     root = tmp_path_factory.mktemp("smiles")
-    rng = random.Random(0)
-    corpus = root / "smiles.txt"
-    corpus.write_text("\n".join("".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 3)))
-                                for _ in range(300)) + "\n")
+    corpus = write_smiles_lines(root / "smiles.txt", 300)
     train_tokenizer(str(corpus), "char", root / "tok", line_documents=True)
     # content="smiles" in the manifest makes the run a SMILES run (scored by RDKit).
     shard_corpus(str(corpus), root / "tok", seq_len=24, out=root / "shards", packing="pad", samples_per_shard=64,
