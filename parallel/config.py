@@ -2,24 +2,27 @@
 
 A library-side config, as OLMo-core's `TensorParallelConfig`: the application embeds it in its
 own run config, and `problems()` checks it against the world size before any process group
-exists. Checks that need the model (heads divisible by tp, ...) belong to the model's own plan.
+exists, the declared ranges of its fields (ranges.py) included. Checks that need the model (heads
+divisible by tp, ...) belong to the model's own plan.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from parallel.ranges import field_problems
 
 
 @dataclass
 class ParallelConfig:
     """Layout of the device mesh and how each dimension is applied."""
 
-    dp: int = -1
+    dp: int = field(default=-1, metadata={"ge": -1})
     """Data-parallel size; -1 infers it as world_size / (tp * pp)."""
-    tp: int = 1
+    tp: int = field(default=1, metadata={"ge": 1})
     """Tensor-parallel size (attention heads and the vocabulary are split)."""
-    pp: int = 1
+    pp: int = field(default=1, metadata={"ge": 1})
     """Pipeline-parallel stages."""
     sequence_parallel: bool = False
     """With tp > 1, shard norms and dropouts along the sequence."""
@@ -28,15 +31,15 @@ class ParallelConfig:
     ddp: replicated parameters."""
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
     """Pipeline schedule."""
-    pp_virtual_stages: int = 1
+    pp_virtual_stages: int = field(default=1, metadata={"ge": 1})
     """Model chunks per pipeline rank (interleaved_1f1b needs at least 2)."""
-    pp_layers_per_stage: list[int] | None = None
+    pp_layers_per_stage: list[int] | None = field(default=None, metadata={"ge": 1})
     """Blocks per stage (its length is pp * pp_virtual_stages); None balances automatically."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
     param_dtype: Literal["fp32", "bf16"] = "fp32"
     """FSDP parameter dtype during compute; gradients are always reduced in fp32."""
-    timeout_s: float = 600.0
+    timeout_s: float = field(default=600.0, metadata={"gt": 0})
     """Collective timeout: a dead or stuck rank ends the job with an error after this long."""
 
     @property
@@ -51,16 +54,15 @@ class ParallelConfig:
     def problems(self, world_size: int, num_layers: int) -> list[str]:
         """Every reason this layout cannot run `num_layers` blocks on `world_size` processes,
         each naming the field and the fix (empty: it can)."""
-        found: list[str] = []
+        found = field_problems(self, "parallel.")
 
         def need(ok: bool, message: str) -> None:
             if not ok:
                 found.append(message)
 
-        for name in ("tp", "pp", "pp_virtual_stages"):
-            need(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
-        need(self.dp == -1 or self.dp >= 1, "parallel.dp must be -1 (infer from the world size) or >= 1")
-        need(self.timeout_s > 0, "parallel.timeout_s must be positive")
+        need(self.dp != 0, "parallel.dp must be -1 (infer from the world size) or >= 1, got 0; set parallel.dp=-1 "
+             "or the data-parallel size")
+        need(world_size >= 1, f"the world size must be >= 1 process, got {world_size}")
         model_parallel = max(self.tp, 1) * max(self.pp, 1)
         need(world_size % model_parallel == 0, f"world size {world_size} is not divisible by parallel.tp * "
              f"parallel.pp = {model_parallel}; launch a multiple of tp * pp processes")
@@ -77,9 +79,10 @@ class ParallelConfig:
             if len(self.pp_layers_per_stage) != stages:
                 found.append(f"parallel.pp_layers_per_stage has {len(self.pp_layers_per_stage)} entries; it needs "
                              f"pp * pp_virtual_stages = {stages}")
-            if sum(self.pp_layers_per_stage) != num_layers or min(self.pp_layers_per_stage, default=0) < 1:
-                found.append(f"parallel.pp_layers_per_stage must be positive and sum to model.n_layers={num_layers}")
-        elif self.pp > 1 and num_layers % stages:
+            if sum(self.pp_layers_per_stage) != num_layers:
+                found.append(f"parallel.pp_layers_per_stage sums to {sum(self.pp_layers_per_stage)}; it must sum to "
+                             f"model.n_layers={num_layers}")
+        elif self.pp > 1 and stages > 0 and num_layers % stages:  # stages < 1: reported as a range
             found.append(f"model.n_layers={num_layers} is not divisible by pp * pp_virtual_stages = {stages}; "
                          "change n_layers or give parallel.pp_layers_per_stage")
         if self.pp_schedule == "interleaved_1f1b" and self.pp > 1 and self.pp_virtual_stages < 2:

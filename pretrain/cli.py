@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 from pathlib import Path
 
-from parallel.env import LaunchError
+from parallel.env import LaunchError, detect_launch
 from pretrain.config import load_config, reference_markdown, split_config_args, to_yaml, validate
 from pretrain.errors import UserError
 
@@ -47,8 +48,20 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
     docs.set_defaults(func=_config_docs)
 
 
+DISTRIBUTION = "proseco-pretrain"
+
+
+def installed_version() -> str:
+    """The version of the installed distribution (what pip installed), not a copy kept in the code."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a checkout that was never pip-installed
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proseco", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_commands(sub)
     from pretrain.commands import add_commands as add_pretrain_commands
@@ -59,12 +72,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with flags allowed anywhere: `proseco train CFG a.b=1 --print-result c.d=2`.
+
+    argparse binds positionals in runs between flags, so overrides after a flag come back as
+    unrecognized arguments; they are appended, in order, to the command's overrides. (The
+    standard library's parse_intermixed_args refuses parsers with subcommands.)"""
+    args, extras = parser.parse_known_args(argv)
+    late = [arg for arg in extras if "=" in arg and not arg.startswith("-")]
+    unknown = [arg for arg in extras if arg not in late]
+    if late and hasattr(args, "overrides"):
+        if args.config is None:  # `config show --world-size 8 a.b=1`: split_config_args sorts it out
+            args.config, late = late[0], late[1:]
+        args.overrides = [*args.overrides, *late]
+    elif late:
+        unknown = extras
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def global_rank() -> int:
+    """This process's rank in the job (RANK, else SLURM_PROCID, else 0), before any process group."""
+    return detect_launch().rank
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parse_args(parser, argv)
     try:
         return args.func(args) or 0
     except (UserError, LaunchError) as err:  # config errors, missing files, mismatched shards...: no traceback
-        print(f"proseco: error: {err}", file=sys.stderr)
+        # Every rank of a launch validates the same config and reads the same files, so the
+        # message is the same on each: print it once, on rank 0; every rank still exits with 2.
+        if global_rank() == 0:
+            print(f"proseco: error: {err}", file=sys.stderr)
         return 2
 
 

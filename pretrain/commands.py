@@ -6,12 +6,41 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from pretrain.config import load_config, split_config_args
+from pretrain.errors import UserError
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the same command to resume
+
+
+def writable_output(path: str | Path, flag: str) -> Path:
+    """`path` as a file this process can write, checked before the work that ends in writing it
+    (sampling, loading a large checkpoint) rather than after. Nothing is created: the writer
+    makes the missing folders, so the nearest existing one must be a writable folder."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: {folder} is a file, not a folder; give a path in a folder you can write to")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: {folder} is not writable; give a path in a folder you can write to")
+    return out
+
+
+def prompt_ids(tokenizer, text: str, seq_len: int) -> list[int]:
+    """BOS + the prompt's tokens, checked to leave room to generate in a sequence of `seq_len`."""
+    ids = [tokenizer.bos_id, *tokenizer.encode(text)]
+    if len(ids) >= seq_len:
+        raise UserError(f"--prompt is {len(ids) - 1} tokens (plus BOS) but the model's sequences are {seq_len} "
+                        f"tokens (model.seq_len), leaving nothing to generate; shorten it to at most "
+                        f"{seq_len - 2} tokens")
+    return ids
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -57,12 +86,13 @@ def _sample(args: argparse.Namespace) -> None:
     from pretrain.sampler import Sampler
     from pretrain.sweep import write_samples
 
+    writable_output(args.out, "--out")
     device = pick_device(args.device, 0)
     model, cfg, tokenizer = load_model(args.checkpoint, device, use_ema=not args.raw_weights)
     sampling = dataclasses.replace(cfg.sampling, **_sampling_overrides(args))
     cfg = dataclasses.replace(cfg, sampling=sampling)
     validate(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=-1, tp=1, pp=1)))
-    prompt = torch.tensor([tokenizer.bos_id, *tokenizer.encode(args.prompt)]) if args.prompt else None
+    prompt = torch.tensor(prompt_ids(tokenizer, args.prompt, cfg.model.seq_len)) if args.prompt else None
     sampler = Sampler.for_run(model, cfg, tokenizer, sampling, device)
     num_samples = args.num_samples or sampling.num_samples
     batches = -(-num_samples // sampling.batch_size)
@@ -85,6 +115,8 @@ def _eval(args: argparse.Namespace) -> None:
     from pretrain.sweep import GridPoint, run_grid, summary_markdown
     from pretrain.validation import evaluate_checkpoint
 
+    if args.out:
+        writable_output(args.out, "--out")
     device = pick_device(args.device, 0)
     result = evaluate_checkpoint(args.checkpoint, split=args.split, batches=args.batches or None, shards=args.shards,
                                  device=device)
@@ -136,7 +168,11 @@ def _sweep(args: argparse.Namespace) -> None:
 def _consolidate(args: argparse.Namespace) -> None:
     from pretrain.checkpoint import consolidate
 
-    out = consolidate(args.checkpoint, args.out)
+    writable_output(args.out, "the output file")  # before loading what may be a large checkpoint
+    try:
+        out = consolidate(args.checkpoint, args.out)
+    except OSError as err:  # a full disk, a folder that vanished: the file names itself in err
+        raise UserError(f"consolidating {args.checkpoint} into {args.out} failed: {err}") from None
     print(f"wrote {out}")
 
 

@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.config import LoggingConfig, RunConfig, to_dict
+from pretrain.config import DiffusionConfig, LoggingConfig, RunConfig, to_dict
 from pretrain.files import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
+PLAIN_PROGRESS_S = 30.0
+"""Seconds between two plain progress lines (job logs)."""
 
 
 class MetricsLogger:
@@ -21,9 +23,11 @@ class MetricsLogger:
     On ranks other than 0 every method is a no-op, so callers need no rank checks.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool, total_steps: int, start_step: int):
+    def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool, total_steps: int, start_step: int,
+                 tokens_per_step: int = 0):
         self.enabled = enabled
-        self.total_steps = total_steps
+        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+        self._started, self._start_step, self._last_line = time.perf_counter(), start_step, None
         self.cfg: LoggingConfig = cfg.logging
         self.path = run_dir / METRICS_FILE
         self._wandb = None
@@ -47,13 +51,22 @@ class MetricsLogger:
             self._wandb.log({f"{split}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
                              and k not in ("step", "split")}, step=record["step"])
 
-    def progress(self, step: int, loss: float, tokens_per_s: float, seconds_per_step: float) -> None:
-        """The progress bar on a terminal; a plain line (for job logs) when stderr is not one."""
+    def progress(self, step: int, loss: float) -> None:
+        """Call after every optimizer step: the progress bar on a terminal (updated every step);
+        a plain line for job logs when stderr is not one, at the first step, then every
+        PLAIN_PROGRESS_S seconds and at the last step. Speed and ETA are measured since this
+        process started training."""
         if not (self.enabled and self.cfg.progress):
             return
+        now = time.perf_counter()
+        seconds_per_step = (now - self._started) / max(step - self._start_step, 1)
+        tokens_per_s = self.tokens_per_step / seconds_per_step
         if self._progress is not None:
             self._progress.update(step, loss, tokens_per_s)
             return
+        if self._last_line is not None and now - self._last_line < PLAIN_PROGRESS_S and step < self.total_steps:
+            return
+        self._last_line = now
         eta = (self.total_steps - step) * seconds_per_step
         print(f"step {step}/{self.total_steps}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
               f"eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
@@ -116,32 +129,38 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
-    """PNG of the training loss and its two terms, with validation points, from metrics.jsonl."""
+def loss_figure(records: list[dict], eps_train: float, eps_val: float):
+    """The loss curves, like with like: training terms (t ~ U[eps_train, 1], the raw weights) on
+    one row and validation ones (t ~ U[eps_val, 1], EMA weights) on the other, the MDLM term and
+    the corrector term each on its own axes. The total loss is their weighted sum, in metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    out = out or Path(run_dir) / "loss.png"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for split, style in (("train", "-"), ("val", "o-")):
-        rows = [r for r in records if r.get("split") == split]
-        if not rows:
-            continue
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r.get("mdlm_nelbo") for r in rows], style, label=f"{split} MDLM NELBO")
-        axes[1].plot(steps, [r.get("corrector_nll") for r in rows], style, label=f"{split} corrector loss")
-        if split == "train":
-            axes[0].plot(steps, [r.get("loss") for r in rows], style, alpha=0.5, label="train total loss")
-    axes[0].set_title("MDLM NELBO per token (nats)")
-    axes[1].set_title("corrector loss per token")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
+    rows = (("train", f"training, t ~ U[{eps_train:g}, 1]", "-"),
+            ("val", f"validation, t ~ U[{eps_val:g}, 1], EMA weights", "o-"))
+    for row, (split, where, style) in enumerate(rows):
+        points = [r for r in records if r.get("split") == split]
+        steps = [r["step"] for r in points]
+        for col, (key, what) in enumerate((("mdlm_nelbo", "MDLM NELBO per token (nats)"),
+                                           ("corrector_nll", "corrector loss per token"))):
+            ax = axes[row][col]
+            ax.plot(steps, [r.get(key) for r in points], style, markersize=3)
+            ax.set_title(f"{what}\n{where}", fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(run_dir: Path, diffusion: DiffusionConfig, out: Path | None = None) -> Path:
+    """run_dir/loss.png from metrics.jsonl (`loss_figure`), labelled with the run's t ranges."""
+    import matplotlib.pyplot as plt
+
+    out = out or Path(run_dir) / "loss.png"
+    fig = loss_figure(read_metrics(run_dir), diffusion.sampling_eps_training, diffusion.sampling_eps_validation)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

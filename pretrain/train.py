@@ -27,9 +27,9 @@ from parallel.pipeline import PipelineRunner, stage_ids
 from parallel.rng import seed_dropout
 from parallel.runner import LocalRunner
 from pretrain.checkpoint import Checkpointer, app_state, latest_checkpoint, load_app_state
-from pretrain.config import RunConfig, grad_accum_steps, save_config, to_dict, validate
+from pretrain.config import RunConfig, check_machine, grad_accum_steps, save_config, to_dict, validate
 from pretrain.data import TrainLoader, eval_batches, open_shards
-from pretrain.errors import CheckpointError, ConfigError, UserError
+from pretrain.errors import CheckpointError, UserError
 from pretrain.metrics import MetricsLogger, Throughput, plot_losses
 from pretrain.models import ModelShape, count_parameters, get_family
 from pretrain.optim import EMA, Optimizers, lr_factor
@@ -45,6 +45,8 @@ class NonFiniteError(RuntimeError):
 class TrainState:
     step: int = 0
     tokens_seen: int = 0
+    corrupt_samples: int = 0
+    """Samples delivered as valid=False (damaged shards), over all ranks, since the run began."""
     skipped_steps: int = 0
     last_val: dict = field(default_factory=dict)
 
@@ -69,24 +71,48 @@ def autocast_for(cfg: RunConfig, device: torch.device) -> torch.autocast | None:
 
 
 class PreemptionFlag:
-    """SIGTERM/SIGUSR1 (Slurm preemption, scancel, --signal) ask for a checkpoint and a clean exit."""
+    """SIGTERM/SIGUSR1 (Slurm preemption, scancel, --signal) and SIGINT (Ctrl-C) ask for a
+    checkpoint and a clean exit (code 75: run the same command to resume).
+
+    Only while training: `restore()` (in the loop's finally) gives the signals back their previous
+    handlers, so that once the loop has ended, by an error too, `timeout`, `scancel` and torchrun
+    stop the process as usual. A second SIGTERM or Ctrl-C while the first is pending ends it at
+    once. A signal the process was started to ignore (SIGINT in a background job) stays ignored.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    AT_ONCE = (signal.SIGTERM, signal.SIGINT)  # a second one aborts the save
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.requested: signal.Signals | None = None
+        self._previous: dict[int, object] = {}
+        for sig in self.SIGNALS:
             try:
-                signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
                 pass
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if self.requested is not None and signum in self.AT_ONCE:
+            self.restore()
+            signal.raise_signal(signum)  # the previous handler: terminate, or KeyboardInterrupt
+            return
+        self.requested = signal.Signals(signum)
+
+    def describe(self) -> str:
+        return "interrupt (Ctrl-C)" if self.requested == signal.SIGINT else "preemption signal"
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (so all ranks save together)."""
         if not dist.is_initialized():
-            return self.requested
-        flag = torch.tensor([int(self.requested)])
+            return self.requested is not None
+        flag = torch.tensor([int(self.requested is not None)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -95,8 +121,7 @@ def train(cfg: RunConfig) -> dict:
     """Run (or resume) training; returns the final validation metrics."""
     launch = detect_launch()
     validate(cfg, world_size=launch.world_size)  # before any process group starts
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+    check_machine(cfg)  # CUDA, the model's kernels, the run folder: before any process group too
     env = init_distributed(launch, cfg.train.device, cfg.parallel.timeout_s)
     try:
         return Trainer(cfg, env).run()
@@ -131,7 +156,8 @@ class Trainer:
                                   micro_batch_size=cfg.data.micro_batch_size, dp_rank=self.dp_rank,
                                   dp_size=self.dp_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                                   shuffle=cfg.data.shuffle, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
-                                  expected_tokenizer_sha256=self.tokenizer.sha256)
+                                  expected_tokenizer_sha256=self.tokenizer.sha256,
+                                  verify_digests=cfg.data.verify_shards)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                          cfg.checkpoint.async_save, cfg.checkpoint.keep_every)
         self.state = TrainState()
@@ -168,12 +194,15 @@ class Trainer:
                 raise UserError(f"{folder} already holds checkpoints and checkpoint.resume=none; use "
                                 "checkpoint.resume=auto to continue, or a new logging.run_dir")
             return
-        path = latest_checkpoint(folder) if choice == "auto" else Path(choice)
+        # Checked on every rank together (digests split between them): all ranks load the same one.
+        path, skipped = self.checkpointer.resume_point(choice, self.cfg.checkpoint.verify)
+        for damaged, problem in skipped:
+            self._log_main(f"skipping damaged checkpoint {damaged}: {problem}")
         if path is None:
             return
         state = app_state(self.parts, self.optimizers.optimizers, self.ema.shadow if self.ema else None)
         try:
-            meta = self.checkpointer.load(path, state)
+            meta = self.checkpointer.load(path, state, verify=None)  # verified just now
         except (RuntimeError, ValueError) as err:
             if isinstance(err, UserError):
                 raise
@@ -190,7 +219,8 @@ class Trainer:
         self._log_main(f"resumed from {path} at step {self.state.step}")
 
     def _save(self) -> Path:
-        meta = {"data": self.loader.state_dict(), "tokens_seen": self.state.tokens_seen, "config": to_dict(self.cfg),
+        meta = {"data": self.loader.state_dict(), "tokens_seen": self.state.tokens_seen,
+                "corrupt_samples": self.state.corrupt_samples, "config": to_dict(self.cfg),
                 "has_ema": self.ema is not None, "ema_num_updates": self.ema.num_updates if self.ema else 0,
                 "val": self.state.last_val, "world_size": self.env.world_size}
         state = app_state(self.parts, self.optimizers.optimizers, self.ema.shadow if self.ema else None)
@@ -209,7 +239,9 @@ class Trainer:
         if self.env.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self._resume()
-        self.logger = MetricsLogger(cfg, self.run_dir, self.env.is_main, cfg.train.max_steps, self.state.step)
+        tokens_per_step = cfg.data.global_batch_size * self.shape.seq_len
+        self.logger = MetricsLogger(cfg, self.run_dir, self.env.is_main, cfg.train.max_steps, self.state.step,
+                                    tokens_per_step)
         meta_model = self.family.build(cfg.model, self.shape, device="meta")
         self._log_main(f"model: {count_parameters(meta_model):,} parameters, vocab "
                        f"{self.tokenizer.vocab_size} ({self.shape.vocab_size} rows), seq_len {self.shape.seq_len}; "
@@ -218,7 +250,6 @@ class Trainer:
         preemption = PreemptionFlag()
         batches = iter(self.loader)
         throughput = Throughput()
-        tokens_per_step = cfg.data.global_batch_size * self.shape.seq_len
         try:
             while self.state.step < cfg.train.max_steps:
                 record = self._train_step([next(batches) for _ in range(self.accum)])
@@ -232,13 +263,14 @@ class Trainer:
                     record.update(step=step, split="train", tokens_seen=self.state.tokens_seen, tokens_per_s=tps,
                                   tflops_per_s=tps / tokens_per_step * self.flops_per_step / 1e12)
                     self.logger.log(record)
-                    self.logger.progress(step, record["loss"], tps, tokens_per_step / max(tps, 1e-9))
+                self.logger.progress(step, record["loss"])
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                     self._validate()
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                     self._save()
                 if preemption.agreed():
-                    self._log_main(f"preemption signal: saving step {step} and exiting")
+                    self._log_main(f"{preemption.describe()}: saving step {step} and exiting; run the same "
+                                   "command to resume")
                     self._save()
                     self.checkpointer.wait()
                     return {"preempted": True, "step": step}
@@ -246,9 +278,13 @@ class Trainer:
             self._save()
             self.checkpointer.wait()
             if self.env.is_main:
-                plot_losses(self.run_dir)
+                plot_losses(self.run_dir, cfg.diffusion)
             return final
         finally:
+            # Stop the DataLoader workers now, on an error too: left to interpreter exit, they
+            # (which ignore SIGTERM, see pretrain/data/loader.py) are joined forever.
+            batches.close()
+            preemption.restore()
             self.logger.close()
 
     def _train_step(self, micro_batches: list[dict]) -> dict:
@@ -256,6 +292,8 @@ class Trainer:
         cfg, step = self.cfg, self.state.step
         self.optimizers.set_lr(cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.max_steps))
         record = self.forward_backward(micro_batches)
+        self.state.corrupt_samples += record.pop("corrupt_samples")
+        record["corrupt_samples"] = self.state.corrupt_samples
         grad_norm = self._clip_gradients()
         record.update(grad_norm=grad_norm, lr=self.optimizers.lr)
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
@@ -282,15 +320,17 @@ class Trainer:
         batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in micro_batches]
         # Normalise by the token count of the whole global batch (all ranks, all micro-batches), so
         # the loss does not depend on how the batch is split (the official reduction, made global).
-        n_tokens = self._all_reduce(sum(b["valid"].sum() for b in batches).float() * self.shape.seq_len)
-        n_tokens = n_tokens.clamp(min=1.0)
+        # One reduction for the token count and the damaged samples (valid=False) of the step.
+        counts = self._all_reduce(torch.stack([sum(b["valid"].sum() for b in batches).float() * self.shape.seq_len,
+                                               sum((~b["valid"]).sum() for b in batches).float()]))
+        n_tokens, corrupt = counts[0].clamp(min=1.0), int(counts[1])
         # Data parallelism averages gradients over dp ranks; x dp makes them global sums.
         scale = self.dp_size / n_tokens
         sums = forward_backward(self.runner, batches, self.objective, step, cfg.train.step_mode, scale,
                                 self.autocast)
         for part in self.parts:
             reduce_partial_gradients(part)
-        return sums.reduced(self._all_reduce).per_token(n_tokens)
+        return {**sums.reduced(self._all_reduce).per_token(n_tokens), "corrupt_samples": corrupt}
 
     def _clip_gradients(self) -> float:
         pp_group = self.mesh["pp"].get_group() if self.layout.pp > 1 else None
@@ -321,7 +361,8 @@ class Trainer:
         started = time.perf_counter()
         batches = eval_batches(self.cfg.data.shards, "val", micro_batch_size=self.cfg.data.micro_batch_size,
                                dp_rank=self.dp_rank, dp_size=self.dp_size,
-                               max_batches=self.cfg.train.eval_batches or None)
+                               max_samples=self.cfg.train.eval_batches * self.cfg.data.global_batch_size or None,
+                               verify_digests=self.cfg.data.verify_shards)
         metrics = validation_metrics(self.runner, self.ema, batches, self.objective, self.state.step,
                                      self.env.device, self._all_reduce, self.autocast)
         metrics.update(step=self.state.step, split="val", seconds=time.perf_counter() - started)

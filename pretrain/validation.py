@@ -52,8 +52,10 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", batches: 
     """Validation MDLM NELBO (t ~ U[sampling_eps_validation, 1], Monte-Carlo; exp bounds the
     perplexity) and corrector loss/error rates of a checkpoint's EMA weights on a split.
 
-    With `corrector` the corrector pass is evaluated also for a model trained with the MDLM loss
-    alone: how well a plain MDLM model repairs its own argmax is the control the claim needs.
+    `batches` counts batches of the run's data.global_batch_size samples, as train.eval_batches
+    (None: the whole split). With `corrector` the corrector pass is evaluated also for a model
+    trained with the MDLM loss alone: how well a plain MDLM model repairs its own argmax is the
+    control the claim needs.
     """
     from pretrain.checkpoint import load_model, read_meta, resolve_checkpoint
     from pretrain.data import eval_batches
@@ -65,7 +67,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", batches: 
     objective = Objective.build(diffusion, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                                 seed=cfg.train.seed, global_batch_size=cfg.data.global_batch_size)
     loader = eval_batches(shards or cfg.data.shards, split, micro_batch_size=cfg.data.micro_batch_size,
-                          max_batches=batches, expected_tokenizer_sha256=tokenizer.sha256)
+                          max_samples=batches * cfg.data.global_batch_size if batches else None,
+                          expected_tokenizer_sha256=tokenizer.sha256)
     step = int(read_meta(path)["step"])
     # load_model already holds the EMA weights, so no EMA is swapped in here.
     metrics = validation_metrics(LocalRunner(model), None, loader, objective, step, device, lambda t: t)

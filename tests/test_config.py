@@ -1,7 +1,9 @@
 """Typed config: YAML + overrides, errors that name the field and the fix, the reference docs."""
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,8 @@ def test_unknown_yaml_key(tmp_path):
         load_config(write(tmp_path, {"data": {"global_batch": 8}}))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path)  # a folder
 
 
 @pytest.mark.parametrize("overrides, world, needle", [
@@ -146,3 +150,131 @@ def test_configs_saved_by_older_versions_still_load():
     assert cfg == RunConfig()
     with pytest.raises(ConfigError, match="unknown config field parallel.engine"):
         load_config_dict(old)
+
+
+# Bad configs that today's code accepted and training then tripped over (some hung): each is
+# rejected by `proseco config show`, exit code 2, one line per problem naming the field.
+BAD_OVERRIDES = [
+    (["data.global_batch_size=0"], "data.global_batch_size must be >= 1, got 0"),
+    (["data.global_batch_size=-8"], "data.global_batch_size must be >= 1, got -8"),
+    (["logging.log_every=0"], "logging.log_every must be >= 1, got 0; set it to an integer >= 1, e.g. the default 10"),
+    (["train.seed=-1"], "train.seed must be >= 0, got -1"),
+    (["optim.eps=-1e-8"], "optim.eps must be positive, got -1e-08"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0, got -0.1"),
+    (["optim.lr=inf"], "optim.lr must be a finite number, got inf; set it to a number > 0, e.g. the default 0.0003"),
+    (["optim.lr=.nan"], "optim.lr must be a finite number, got nan"),
+    (["optim.betas=[0.9, .inf]"], "optim.betas[1] must be a finite number, got inf"),
+    (["diffusion.sigma_max=.inf"], "diffusion.sigma_max must be a finite number, got inf"),
+    (["model.rope_base=0"], "model.rope_base must be > 1, got 0.0"),
+    (["model.seq_len=0"], "model.seq_len must be >= 1 or null, got 0"),
+    (["train.max_steps=100000000000000000000"], "train.max_steps must fit in 64 bits"),
+    (["model.d_model=1" + "0" * 400], "model.d_model must fit in 64 bits"),
+    (["model.d_model=1" + "0" * 5000], "override 'model.d_model=1000"),
+    (["model.d_model=1048576", "model.n_heads=4"], "parameters, beyond any machine"),
+    (["model.n_layers=1000000000"], "parameters, beyond any machine"),
+    (["model.mlp_ratio=1000000000000000000"], "parameters, beyond any machine"),
+    (["model.seq_len=1000000000000"], "activations, beyond any machine"),
+    (["model.vocab_size=1000000000000"], "parameters, beyond any machine"),
+    (["parallel.pp_layers_per_stage=[0, 4]", "parallel.pp=2", "train.step_mode=two_pass"],
+     "parallel.pp_layers_per_stage[0] must be >= 1, got 0"),
+    (["optim.lr=[1"], "override 'optim.lr=[1': not valid YAML"),
+    (["optim={lr: 1, lr: 2}"], "override 'optim={lr: 1, lr: 2}': duplicate key lr"),
+    (["logging.run_dir=caf\udce9"], "is not UTF-8 text"),
+]
+
+
+def config_show(capsys, *args: str) -> tuple[int, str]:
+    """`proseco config show ARGS` in this process: its exit code and stderr."""
+    from pretrain.cli import main
+
+    code = main(["config", "show", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, needle", BAD_OVERRIDES, ids=[" ".join(o)[:40] for o, _ in BAD_OVERRIDES])
+def test_config_show_rejects_bad_values_naming_the_field(capsys, overrides, needle):
+    code, err = config_show(capsys, *overrides)
+    assert code == 2 and err.startswith("proseco: error: ") and "Traceback" not in err
+    assert needle in err
+
+
+def bad_file(tmp_path, data: bytes) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"optim:\n  lr: 1.0e-3\ntrain:\n  max_steps: 5\noptim:\n  eps: 1.0e-6\n", "bad.yaml:5: duplicate key optim"),
+    (b"model:\n  d_model: 64\n  n_layers: 2\n  d_model: 128\n", "bad.yaml:4: duplicate key d_model"),
+    (b"name: caf\xe9\n", "bad.yaml:1: config file is not UTF-8 text (byte 0xe9)"),
+    (b"", "is empty; pass a YAML mapping of sections or omit the file to use the defaults"),
+    (b"# only a comment\n\n", "is empty"),
+    (b"optim:\n  lr: [1\ntrain: 3\n", "bad.yaml:3:"),
+    (b"model:\n  d_model: 1" + b"0" * 5000 + b"\n", "bad.yaml: not valid YAML"),
+], ids=["duplicate-section", "duplicate-field", "latin-1", "empty", "only-comments", "syntax", "5000-digits"])
+def test_config_files_are_read_strictly(capsys, tmp_path, data, needle):
+    code, err = config_show(capsys, str(bad_file(tmp_path, data)))
+    assert code == 2 and "Traceback" not in err
+    assert needle in err
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    path = bad_file(tmp_path, b"model:\n  <<: {n_layers: 2, d_model: 64}\n  d_model: 128\n")
+    assert load_config(path).model.d_model == 128
+
+
+def test_a_duplicate_key_in_a_real_process(tmp_path):
+    path = bad_file(tmp_path, b"optim:\n  lr: 1.0e-3\noptim:\n  eps: 1.0e-6\n")
+    result = subprocess.run([sys.executable, "-m", "pretrain", "config", "show", str(path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{path}:3: duplicate key optim" in result.stderr
+
+
+def numeric(hint) -> bool:
+    """int or float, also inside `X | None`, lists and tuples."""
+    return hint in (int, float) or any(numeric(arg) for arg in typing.get_args(hint))
+
+
+def test_every_number_declares_its_range():
+    from parallel.ranges import BOUNDS
+
+    cfg = RunConfig()
+    for section in (cfg.model, cfg.diffusion, cfg.data, cfg.optim, cfg.train, cfg.parallel, cfg.checkpoint,
+                    cfg.logging, cfg.sampling):
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            if numeric(hints[f.name]):
+                assert f.metadata and set(f.metadata) <= set(BOUNDS), f"{type(section).__name__}.{f.name}"
+    assert "| `global_batch_size` | int | `32` | >= 1 |" in reference_markdown()
+
+
+def test_parameter_count_from_the_config_matches_the_model():
+    from pretrain.models import ModelShape, count_parameters
+    from pretrain.models.dit.config import DiTConfig, num_parameters
+    from pretrain.models.dit.model import DiT
+
+    for cfg in (DiTConfig(), DiTConfig(d_model=768, n_layers=12, n_heads=12, cond_dim=128, vocab_size=50258)):
+        shape = ModelShape(vocab_size=cfg.min_vocab_rows(), seq_len=16)
+        assert num_parameters(cfg, shape.vocab_size) == count_parameters(DiT(cfg, shape, device="meta"))
+
+
+def test_machine_checks_at_train_start(capsys, tmp_path, monkeypatch):
+    import torch
+
+    from pretrain.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    safe = [f"data.shards={tmp_path}/no-shards", f"logging.run_dir={tmp_path}/run"]  # fail fast if unchecked
+    for overrides, needle in [
+        (["model.attention=flash"], "model.attention=flash needs CUDA"),
+        (["train.device=cuda"], "train.device=cuda but CUDA is not available; use train.device=auto or cpu"),
+        ([f"logging.run_dir={taken}"], f"logging.run_dir={taken}: {taken} is an existing file"),
+        ([f"logging.run_dir={taken}/run"], f"{taken} is an existing file"),
+    ]:
+        assert main(["train", *safe, *overrides]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err

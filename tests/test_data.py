@@ -20,7 +20,16 @@ import pytest
 import torch
 
 from pretrain.data import EpochOrder, TrainLoader, eval_batches, open_split
-from tokenizer.format import Manifest, ShardError, SplitInfo, member_stride, write_manifest, write_shard
+from tokenizer.format import (
+    TAR_BLOCK,
+    Manifest,
+    ShardError,
+    SplitInfo,
+    member_stride,
+    npy_header_size,
+    write_manifest,
+    write_shard,
+)
 
 pytestmark = pytest.mark.timeout(120)  # a loader that hangs fails instead of blocking CI
 
@@ -47,7 +56,7 @@ def decode(tokens: torch.Tensor) -> list[int]:
 
 def make_shard_folder(tmp_path: Path, samples_per_shard: list[int], seq_len: int = SEQ_LEN,
                       val_samples_per_shard: list[int] | None = None, tokenizer_sha256: str = "tok0",
-                      name: str = "shards") -> Path:
+                      name: str = "shards", vocab_size: int = 65536) -> Path:
     """A shard folder as `proseco tokenizer shard` writes it; train ids 0.., val ids VAL_BASE.."""
     folder = tmp_path / name
     folder.mkdir()
@@ -67,7 +76,7 @@ def make_shard_folder(tmp_path: Path, samples_per_shard: list[int], seq_len: int
             key += size
         splits[split] = info
     write_manifest(folder, Manifest(seq_len=seq_len, dtype="uint16", packing="pack", corpus="test",
-                                    tokenizer_sha256=tokenizer_sha256, vocab_size=65536, splits=splits))
+                                    tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size, splits=splits))
     return folder
 
 
@@ -260,8 +269,14 @@ def test_validation_pass(folder: Path) -> None:
         assert batches.corrupt_samples == 0
     assert seen == Counter({VAL_BASE + i: 1 for i in range(23)})
     assert padding == 1
-    limited = eval_batches(folder, micro_batch_size=mb, dp_rank=1, dp_size=dp, max_batches=2, num_workers=2)
+    limited = eval_batches(folder, micro_batch_size=mb, dp_rank=1, dp_size=dp, max_samples=2 * dp * mb, num_workers=2)
     assert [item["step"] for item in limited] == [0, 1] and len(limited) == 2
+    # The same samples on every layout: the first 10 of the split at dp=1, 2 or 3.
+    for dp in (1, 2, 3):
+        covered = [p for rank in range(dp) for item in eval_batches(folder, micro_batch_size=2, dp_rank=rank,
+                                                                    dp_size=dp, max_samples=10)
+                   for p, ok in zip(item["position"].tolist(), item["valid"].tolist()) if ok]
+        assert sorted(covered) == list(range(10)), dp
 
 
 def test_validation_with_more_ranks_than_samples(tmp_path: Path) -> None:
@@ -321,7 +336,8 @@ def test_flipped_header_byte_invalidates_that_sample_only(folder: Path, workers:
                                                           caplog: pytest.LogCaptureFixture) -> None:
     flip_header_byte(folder, shard=1, sample=3)  # shard 1 holds ids 7..19: id 10 is damaged
     with caplog.at_level(logging.WARNING, logger="pretrain.data"):
-        loader, items = one_epoch(folder, workers=workers, max_corrupt_fraction=0.1)
+        # Digests off: the per-sample checks alone (the digest would distrust the whole shard).
+        loader, items = one_epoch(folder, workers=workers, max_corrupt_fraction=0.1, verify_digests=False)
     tokens = torch.cat([item["tokens"] for item in items])
     valid = torch.cat([item["valid"] for item in items])
     assert valid.tolist() == [i != 10 for i in range(45)]
@@ -338,7 +354,8 @@ def test_damaged_validation_sample_is_invalid_and_counted_once(folder: Path) -> 
     valid: dict[int, bool] = {}
     total = 0
     for rank in range(3):
-        batches = eval_batches(folder, micro_batch_size=2, dp_rank=rank, dp_size=3, max_corrupt_fraction=0.2)
+        batches = eval_batches(folder, micro_batch_size=2, dp_rank=rank, dp_size=3, max_corrupt_fraction=0.2,
+                               verify_digests=False)
         for item in batches:
             for p, ok in zip(item["position"].tolist(), item["valid"].tolist()):
                 valid[p] = valid.get(p, False) or ok
@@ -350,7 +367,60 @@ def test_damaged_validation_sample_is_invalid_and_counted_once(folder: Path) -> 
 def test_too_many_damaged_samples_raise(folder: Path) -> None:
     flip_header_byte(folder, shard=1, sample=3)
     with pytest.raises(ShardError, match=r"shard-000001.tar: 1 of 13 samples.*proseco tokenizer verify"):
-        one_epoch(folder, workers=2)  # default max_corrupt_fraction 0.01; raised from a worker
+        one_epoch(folder, workers=2, verify_digests=False)  # default max_corrupt_fraction 0.01; from a worker
+
+
+def flip_token_byte(folder: Path, shard: int, sample: int) -> None:
+    """Change one token of a sample, leaving its tar header (and so the per-sample checks) intact."""
+    path = folder / f"train/shard-{shard:06d}.tar"
+    data = bytearray(path.read_bytes())
+    token_bytes = sample * member_stride(SEQ_LEN, "uint16") + TAR_BLOCK + npy_header_size(SEQ_LEN, "uint16")
+    data[token_bytes + 2 * 5] ^= 0x01  # the low byte of token 5
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_altered_token_bytes_are_caught_by_the_shard_digest(folder: Path, workers: int,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    flip_token_byte(folder, shard=1, sample=3)  # shard 1 holds ids 7..19
+    _, unchecked = one_epoch(folder, verify_digests=False)
+    assert all(item["valid"].all() for item in unchecked)  # the damage parses: only the digest sees it
+    altered = torch.cat([item["tokens"] for item in unchecked])[10]
+    assert (altered != torch.from_numpy(sample_rows(np.array([10]))[0])).sum() == 1
+    with caplog.at_level(logging.WARNING, logger="pretrain.data"):
+        loader, items = one_epoch(folder, workers=workers, max_corrupt_fraction=0.25)
+    valid = torch.cat([item["valid"] for item in items])
+    assert valid.tolist() == [not 7 <= i < 20 for i in range(45)]  # the whole shard is distrusted
+    assert loader.corrupt_samples == 13
+    if workers == 0:
+        assert "shard-000001.tar: sha256" in caplog.text and "altered bytes" in caplog.text
+    with pytest.raises(ShardError, match=r"shard-000001.tar: its sha256 differs from the manifest's"):
+        one_epoch(folder, workers=workers)  # default max_corrupt_fraction 0.01: 1 of 5 shards is too many
+
+
+def rewrite_shard(folder: Path, shard: int, rows: np.ndarray) -> None:
+    """Replace a train shard by `rows`, updating the manifest (a consistent folder, as a buggy
+    tokenizer would write it, not damage on disk)."""
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = manifest["splits"]["train"]["shards"][shard]
+    info = write_shard(folder / entry["path"], rows.astype(np.uint16), first_key=entry["first_key"])
+    entry.update(bytes=info.bytes, sha256=info.sha256)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_token_ids_outside_the_vocabulary_are_damage(tmp_path: Path, workers: int) -> None:
+    folder = make_shard_folder(tmp_path, [7, 13, 5, 11, 9], vocab_size=65521)  # every row id < 65521
+    rows = sample_rows(np.arange(7, 20))
+    rows[3, 5] = 65530  # id 10 holds a token the embedding has no row for
+    rewrite_shard(folder, 1, rows)
+    loader, items = one_epoch(folder, workers=workers, max_corrupt_fraction=0.1)
+    tokens, valid = torch.cat([item["tokens"] for item in items]), torch.cat([item["valid"] for item in items])
+    assert valid.tolist() == [i != 10 for i in range(45)] and (tokens[10] == 0).all()
+    assert int(tokens.max()) < 65521 and loader.corrupt_samples == 1
+    with pytest.raises(ShardError, match=r"1 of 13 samples are unreadable or hold ids outside the vocabulary"):
+        one_epoch(folder, workers=workers)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])

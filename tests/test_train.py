@@ -195,3 +195,27 @@ def test_bf16_autocast_and_offline_wandb(shards, tmp_path, monkeypatch):
     assert len(losses) == 2 and all(v == v and abs(v) < 1e3 for v in losses.values())
     assert result["mdlm_nelbo"] == result["mdlm_nelbo"]
     assert any((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_train_command_resumes_past_a_damaged_checkpoint(shards, tmp_path):
+    """`proseco train` with DataLoader workers on: a bit-flipped newest checkpoint is skipped (and
+    said so), the run resumes from the one before, and the end-of-run report samples from a good one."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(shards, run_dir))  # checkpoints at 3 and 6
+    shard = run_dir / "checkpoints" / "step_00000006" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    overrides = [o for o in tiny_args(shards, run_dir) if not o.startswith("data.num_workers")]
+    command = [sys.executable, "-m", "pretrain.cli", "train", *overrides, "data.num_workers=1", "train.max_steps=5"]
+    proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping damaged checkpoint {shard.parent}: __0_0.distcp does not match" in proc.stdout, proc.stdout
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000003'} at step 3" in proc.stdout
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000005"
+    assert "MDLM at equal NFE" in (run_dir / "samples.md").read_text()

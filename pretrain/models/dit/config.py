@@ -1,33 +1,37 @@
-"""The `model:` section of a DiT run (importable without torch)."""
+"""The `model:` section of a DiT run and its size from the config alone (importable without torch)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pretrain.models import ModelConfig
+from pretrain.models import MAX_PARAMETERS, MAX_SEQUENCE_ACTIVATIONS, ModelConfig
+
+# model.py's FREQUENCY_EMBEDDING_SIZE (model.py needs torch); the parameter-count test keeps them equal.
+FREQUENCY_FEATURES = 256
 
 
 @dataclass
 class DiTConfig(ModelConfig):
     """The DiT backbone (MDLM/ProSeCo layout: adaLN-Zero blocks, rotary attention)."""
 
-    d_model: int = 256
+    d_model: int = field(default=256, metadata={"ge": 1})
     """Width of the residual stream (768 in the paper's OWT model)."""
-    n_layers: int = 4
+    n_layers: int = field(default=4, metadata={"ge": 1})
     """Number of transformer blocks (12 in the paper's OWT model)."""
-    n_heads: int = 4
+    n_heads: int = field(default=4, metadata={"ge": 1})
     """Attention heads; d_model must be divisible by it (head size 64 in the paper)."""
-    cond_dim: int = 128
+    cond_dim: int = field(default=128, metadata={"ge": 1})
     """Width of the conditioning vector that drives the adaLN modulation."""
-    mlp_ratio: int = 4
+    mlp_ratio: int = field(default=4, metadata={"ge": 1})
     """MLP hidden width as a multiple of d_model."""
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     """Residual dropout on the attention and MLP branches (0.1 in the paper's runs)."""
     time_conditioning: bool = False
     """Feed the noise level to the network. Off in every ProSeCo run: sigma is zeroed."""
-    rope_base: float = 10000.0
-    """Base of the rotary position embedding."""
+    rope_base: float = field(default=10000.0, metadata={"gt": 1})
+    """Base of the rotary position embedding (above 1, so that the frequencies base^(-2i/d) fall)."""
     attention: Literal["auto", "sdpa", "flash"] = "auto"
     """Attention kernel: flash-attn when importable and on CUDA (auto), else PyTorch SDPA."""
 
@@ -36,16 +40,24 @@ class DiTConfig(ModelConfig):
         return self.n_layers
 
     def problems(self) -> list[str]:
-        found = [f"model.{name} must be positive" for name in ("d_model", "n_layers", "n_heads", "cond_dim",
-                                                                "mlp_ratio") if getattr(self, name) <= 0]
+        """Head sizes rotary attention can use, and sizes no machine holds."""
+        found = []
         if self.n_heads > 0 and self.d_model % self.n_heads:
             found.append(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; pick "
                          "n_heads dividing d_model")
         if self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
             found.append("model.d_model / model.n_heads must be even for rotary embeddings; change n_heads or "
                          "d_model")
-        if not 0.0 <= self.dropout < 1.0:
-            found.append(f"model.dropout={self.dropout} must be in [0, 1)")
+        parameters = num_parameters(self, self.min_vocab_rows())
+        if parameters > MAX_PARAMETERS:
+            found.append(f"model has {_about(parameters)} parameters, beyond any machine (at most "
+                         f"{MAX_PARAMETERS:.0e}); lower model.d_model, model.n_layers, model.mlp_ratio, "
+                         "model.cond_dim or model.vocab_size")
+        activations = sequence_activations(self, self.seq_len) if self.seq_len is not None else 0
+        if activations > MAX_SEQUENCE_ACTIVATIONS:
+            found.append(f"one sequence of model.seq_len={self.seq_len} keeps {_about(activations)} activations, "
+                         f"beyond any machine (at most {MAX_SEQUENCE_ACTIVATIONS:.0e}); lower model.seq_len, "
+                         "model.n_layers or model.d_model")
         return found
 
     def layout_problems(self, tp: int) -> list[str]:
@@ -61,6 +73,49 @@ class DiTConfig(ModelConfig):
         if (6 * self.d_model) % tp:
             found.append("the adaLN modulation width 6 * model.d_model is not divisible by parallel.tp")
         return found
+
+    def kernel_problems(self, device: str, precision: str) -> list[str]:
+        """model.attention=flash runs only where model.py's flash-attn path can: CUDA, bf16, the package."""
+        if self.attention != "flash":
+            return []
+        found = []
+        if device != "cuda":
+            found.append("model.attention=flash needs CUDA, and this run is on the CPU; use model.attention=auto "
+                         "(flash-attn where it can run, else SDPA) or model.attention=sdpa")
+        if precision != "bf16":
+            found.append(f"model.attention=flash needs train.precision=bf16 (flash-attn has no {precision} kernel); "
+                         "set train.precision=bf16 or use model.attention=auto")
+        try:  # the import model.py's flash path makes
+            import flash_attn  # noqa: F401
+        except ImportError:
+            found.append("model.attention=flash needs the flash-attn package, which is not importable here; "
+                         "install it or use model.attention=auto")
+        return found
+
+
+def num_parameters(cfg: DiTConfig, vocab_rows: int) -> int:
+    """Parameters of the DiT built by model.py with `vocab_rows` embedding and output rows (checked
+    against the built model in tests/test_config.py); from the config alone, in exact integers."""
+    d, cond, hidden = cfg.d_model, cfg.cond_dim, cfg.mlp_ratio * cfg.d_model
+    block = (2 * d                                # norm1, norm2
+             + 4 * d * d                          # q, k, v, out projections (no bias)
+             + d * hidden + hidden + hidden * d + d  # MLP
+             + cond * 6 * d + 6 * d)              # adaLN modulation
+    conditioning = FREQUENCY_FEATURES * cond + cond + cond * cond + cond
+    final = d + d * vocab_rows + vocab_rows + cond * 2 * d + 2 * d
+    return vocab_rows * d + conditioning + cfg.n_layers * block + final
+
+
+def sequence_activations(cfg: DiTConfig, seq_len: int) -> int:
+    """Activations one sequence keeps for backward at the least (activation checkpointing on): the
+    input of every block and the logits."""
+    return seq_len * (cfg.n_layers * cfg.d_model + cfg.min_vocab_rows())
+
+
+def _about(count: int) -> str:
+    """A positive count to three digits, however large (as a float, one past 1e308 would overflow)."""
+    exponent = int(math.log10(count))
+    return f"{count / 10**exponent:.2f}e{exponent}"
 
 
 CONFIG = DiTConfig
