@@ -25,6 +25,7 @@ export OMP_NUM_THREADS ?= 2
 # the uninstall takes those out (and says nothing when there are none).
 $(VENV)/.installed: pyproject.toml requirements/no-deps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV): pip, then $(TORCH_SPEC) (the largest download), then the project [$(EXTRAS)]"
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"

@@ -89,9 +89,19 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise LaunchError("device cuda was asked for but CUDA is not available; use device auto or cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_gpu_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def local_gpu_index(local_rank: int, visible: int) -> int:
+    """This process's GPU among the `visible` ones. Where every process sees all of its node's GPUs
+    (torchrun, `srun --gpus-per-node`), the local rank. Where each sees only its own
+    (`srun --gpus-per-task=1`, or CUDA_VISIBLE_DEVICES narrowed per process), the one it sees:
+    index 0, while SLURM_LOCALID runs 1..7. Never an index past the visible ones: the local rank
+    modulo their count (`--gpus-per-task=2`: each task's two GPUs are its own)."""
+    return 0 if visible <= 1 else local_rank % visible
 
 
 def backend_for(device: torch.device) -> str:

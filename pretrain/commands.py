@@ -119,7 +119,7 @@ def _eval(args: argparse.Namespace) -> None:
         writable_output(args.out, "--out")
     device = pick_device(args.device, 0)
     result = evaluate_checkpoint(args.checkpoint, split=args.split, batches=args.batches or None, shards=args.shards,
-                                 device=device)
+                                 device=device, log=lambda message: print(message, file=sys.stderr, flush=True))
     if args.samples > 0:
         _, cfg, _ = load_model(args.checkpoint)
         point = GridPoint(args.steps or cfg.sampling.steps, args.corrector_steps, args.corrector_every)
@@ -211,7 +211,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (latest checkpoint)")
     evaluate.add_argument("--split", default="val", help="shard split to evaluate on (default val)")
     evaluate.add_argument("--batches", type=int, default=0,
-                          help="validation micro-batches (default 0: the whole split)")
+                          help="validation batches of the run's data.global_batch_size samples, as "
+                               "train.eval_batches (default 0: the whole split)")
     evaluate.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
     evaluate.add_argument("--samples", type=int, default=0, help="also draw this many samples and score them")
     evaluate.add_argument("--steps", type=int, help="unmasking steps T (default: sampling.steps of the run)")

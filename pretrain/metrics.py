@@ -24,7 +24,7 @@ class MetricsLogger:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool, total_steps: int, start_step: int,
-                 tokens_per_step: int = 0):
+                 tokens_per_step: int = 0, run_id: str | None = None):
         self.enabled = enabled
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self._started, self._start_step, self._last_line = time.perf_counter(), start_step, None
@@ -37,7 +37,7 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
         if self.cfg.wandb != "disabled":
-            self._wandb = _start_wandb(cfg, run_dir)
+            self._wandb = _start_wandb(cfg, run_dir, run_id)
         if self.cfg.progress and sys.stderr.isatty():
             self._progress = _Progress(total_steps, start_step)
 
@@ -89,7 +89,7 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def _start_wandb(cfg: RunConfig, run_dir: Path):
+def _start_wandb(cfg: RunConfig, run_dir: Path, run_id: str | None):
     try:
         import wandb
     except ImportError:
@@ -98,8 +98,9 @@ def _start_wandb(cfg: RunConfig, run_dir: Path):
         raise UserError("logging.wandb is set but wandb is not installed: pip install -e .[wandb] "
                         "or set logging.wandb=disabled") from None
     os.environ.setdefault("WANDB_SILENT", "true")
+    # The same id on every resume: wandb appends to that run instead of starting a new one.
     return wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=str(run_dir), mode=cfg.logging.wandb,
-                      config=to_dict(cfg), resume="allow")
+                      config=to_dict(cfg), id=run_id, resume="allow")
 
 
 class _Progress:

@@ -372,6 +372,41 @@ def unigram_entropy(token_ids: Sequence[Sequence[int]]) -> float:
     return float(np.mean(entropies))
 
 
+def _bigram_distribution(token_ids: Sequence[Sequence[int]]) -> Counter:
+    """Counts of adjacent token-id pairs, within each row (pairs never cross rows)."""
+    counts: Counter = Counter()
+    for row in token_ids:
+        ids = np.asarray(row).ravel()
+        counts.update(zip(ids[:-1].tolist(), ids[1:].tolist()))
+    return counts
+
+
+def bigram_divergence(token_ids: Sequence[Sequence[int]], reference_ids: Sequence[Sequence[int]]) -> float:
+    """Jensen-Shannon divergence (nats, in [0, ln 2]) between the token-bigram distribution of the
+    samples and that of reference data (e.g. the validation split).
+
+    0 when the samples' local statistics are the data's. Unlike an n-gram judge's perplexity it
+    cannot be won by a collapsed sampler ("e e e e" has one bigram, far from the data's), nor by
+    noise (a uniform sampler spreads over bigrams the data never has).
+    """
+    p, q = _bigram_distribution(token_ids), _bigram_distribution(reference_ids)
+    total_p, total_q = sum(p.values()), sum(q.values())
+    if not total_p or not total_q:
+        raise ValueError("bigram_divergence needs samples and reference rows of at least two tokens")
+    divergence = 0.0
+    for pair in p.keys() | q.keys():
+        a, b = p[pair] / total_p, q[pair] / total_q
+        m = (a + b) / 2
+        divergence += (a * math.log(a / m) if a else 0.0) + (b * math.log(b / m) if b else 0.0)
+    return divergence / 2
+
+
+def is_collapsed(sample_entropy: float, reference_entropy: float) -> bool:
+    """A sampler whose samples use under half the unigram entropy of the data (per sample, as
+    `unigram_entropy`) has collapsed onto a few tokens, whatever its other scores say."""
+    return sample_entropy < 0.5 * reference_entropy
+
+
 def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pretrain import quality
@@ -21,6 +22,10 @@ from pretrain.config import RunConfig
 from pretrain.data import open_shards, open_split
 from tokenizer.format import Manifest, ShardReader
 from tokenizer.tokenizers import Tokenizer
+
+REFERENCE_ROWS = 1024
+"""Held-out rows the samples' bigram statistics are compared with (enough for a stable estimate
+at the sample counts of a report or a sweep point, and read in well under a second)."""
 
 
 def is_smiles(manifest: Manifest) -> bool:
@@ -44,6 +49,7 @@ class Scorer:
     smiles: bool
     training_set: set[str] | None = None  # canonical training SMILES, for novelty
     judge: object | None = None           # TrigramJudge for text (None: no perplexity)
+    reference: np.ndarray | None = None   # token rows of held-out data: bigram divergence, collapse
 
     def texts(self, tokens: torch.Tensor) -> list[str]:
         """The decoded samples: one padded document each for SMILES, the whole sequence for text."""
@@ -61,6 +67,11 @@ class Scorer:
         else:
             metrics = quality.text_metrics(texts, token_ids=tokens.tolist(), judge=self.judge)
         metrics["masked_left"] = float((tokens == self.tokenizer.mask_id).float().mean())
+        if self.reference is not None:
+            ids = tokens.tolist()
+            metrics["bigram_js"] = quality.bigram_divergence(ids, self.reference)
+            metrics["collapsed"] = quality.is_collapsed(quality.unigram_entropy(ids),
+                                                        quality.unigram_entropy(self.reference))
         return metrics
 
 
@@ -77,6 +88,18 @@ def training_documents(shards: str | Path) -> list[str]:
     return documents
 
 
+def reference_rows(shards: str | Path, split: str = "val", limit: int = REFERENCE_ROWS) -> np.ndarray:
+    """Up to `limit` readable token rows of a split (in manifest order): what samples are compared with."""
+    _, shards_of_split = open_split(shards, split)
+    rows = []
+    for info, path, count in zip(shards_of_split.infos, shards_of_split.paths, shards_of_split.counts):
+        tokens, ok = ShardReader(path, info, shards_of_split.seq_len, shards_of_split.dtype).read(0, count)
+        rows.append(tokens[ok])
+        if sum(len(r) for r in rows) >= limit:
+            break
+    return np.concatenate(rows)[:limit]
+
+
 def build_scorer(cfg: RunConfig, tokenizer: Tokenizer, run_dir: Path, shards: str | Path | None = None,
                  novelty: bool = True, log: Callable[[str], None] = print) -> Scorer:
     """The scorer for the content of the run's shards (`shards`, default data.shards): SMILES
@@ -84,14 +107,15 @@ def build_scorer(cfg: RunConfig, tokenizer: Tokenizer, run_dir: Path, shards: st
     cached in run_dir/cache), or text metrics with the trigram judge."""
     shards = Path(shards or cfg.data.shards)
     manifest, _ = open_shards(shards)
+    reference = reference_rows(shards, "val" if "val" in manifest.splits else "train")
     if not is_smiles(manifest):
         judge = default_judge()
         if judge is None:
             log("warning: pocketsphinx is not installed (pip install -e .[eval]): no trigram perplexity")
-        return Scorer(tokenizer, smiles=False, judge=judge)
+        return Scorer(tokenizer, smiles=False, judge=judge, reference=reference)
     training_set = None
     if novelty:
         started = time.perf_counter()
         training_set = quality.canonical_set_cached(training_documents(shards), run_dir / "cache")
         log(f"training set: {len(training_set)} canonical molecules ({time.perf_counter() - started:.1f} s)")
-    return Scorer(tokenizer, smiles=True, training_set=training_set)
+    return Scorer(tokenizer, smiles=True, training_set=training_set, reference=reference)

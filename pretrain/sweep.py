@@ -30,14 +30,18 @@ from pretrain.sampler import Sampler, SampleResult
 from pretrain.scoring import build_scorer
 
 # Quality columns of the table and the plot, in order; the CSV keeps every metric.
-SMILES_COLUMNS = ("validity", "uniqueness", "novelty", "vun", "qed_mean")
-TEXT_COLUMNS = ("trigram_perplexity", "trigram_oov_rate", "unigram_entropy", "distinct_2", "repetition_rate")
+# Each table leads with a metric that a sampler collapsed onto a few tokens cannot win: valid,
+# unique (and novel) molecules per sample; the bigram divergence from held-out text.
+SMILES_COLUMNS = ("vun", "validity", "uniqueness", "novelty", "qed_mean")
+TEXT_COLUMNS = ("bigram_js", "trigram_perplexity", "trigram_oov_rate", "unigram_entropy", "distinct_2",
+                "repetition_rate")
 NFE_COLUMNS = ("nfe_denoiser", "nfe_corrector", "nfe_total")
 SETTING_COLUMNS = ("model", "steps", "corrector_steps", "corrector_every")
 # Read back from CSV as ints (everything else numeric is a float, text stays text).
 _INT_COLUMNS = {"steps", "corrector_steps", "corrector_every", "num_samples", "train_step", "n_samples", "n_valid",
                 "n_unique", "n_novel", "trigram_n_words", "trigram_n_oov", "trigram_n_sentence_ends"}
 _TEXT_COLUMNS = {"model", "checkpoint"}
+_BOOL_COLUMNS = {"collapsed"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +162,8 @@ def _parse(key: str, value: str):
         return None
     if key in _TEXT_COLUMNS:
         return value
+    if key in _BOOL_COLUMNS:
+        return value == "True"
     if key in _INT_COLUMNS:
         return int(float(value))
     try:
@@ -193,13 +199,15 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """model, T, S, omega, mean NFE (denoiser, corrector, total) and the quality columns."""
+    """model, T, S, omega, mean NFE (denoiser, corrector, total) and the quality columns; a
+    collapsed row (`quality.is_collapsed`) says so beside its model."""
     headers = {"model": "model", "steps": "T", "corrector_steps": "S", "corrector_every": "omega",
                "nfe_denoiser": "NFE den", "nfe_corrector": "NFE cor", "nfe_total": "NFE total"}
     columns = [*SETTING_COLUMNS, *NFE_COLUMNS, *quality_columns(rows)]
     lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+        cells = {**row, "model": f"{row['model']} (collapsed)"} if row.get("collapsed") else row
+        lines.append("| " + " | ".join(_fmt(cells.get(c, "")) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

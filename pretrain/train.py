@@ -13,6 +13,7 @@ import dataclasses
 import math
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,9 @@ class TrainState:
     tokens_seen: int = 0
     corrupt_samples: int = 0
     """Samples delivered as valid=False (damaged shards), over all ranks, since the run began."""
+    run_id: str = ""
+    """The run's id for logging backends, kept in checkpoints: a resumed or requeued job continues
+    the same wandb run (one job, one curve)."""
     skipped_steps: int = 0
     last_val: dict = field(default_factory=dict)
 
@@ -82,9 +86,13 @@ class PreemptionFlag:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     AT_ONCE = (signal.SIGTERM, signal.SIGINT)  # a second one aborts the save
+    SAME_EVENT_S = 2.0
+    """A second signal this soon is the same event, not a second request: under srun + torchrun a
+    worker gets Slurm's SIGTERM and, a moment later, the one torchrun forwards."""
 
     def __init__(self):
         self.requested: signal.Signals | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
         for sig in self.SIGNALS:
             try:
@@ -94,11 +102,11 @@ class PreemptionFlag:
                 pass
 
     def _handle(self, signum, frame) -> None:
-        if self.requested is not None and signum in self.AT_ONCE:
+        if self.requested is None:
+            self.requested, self._first_at = signal.Signals(signum), time.monotonic()
+        elif signum in self.AT_ONCE and time.monotonic() - self._first_at >= self.SAME_EVENT_S:
             self.restore()
             signal.raise_signal(signum)  # the previous handler: terminate, or KeyboardInterrupt
-            return
-        self.requested = signal.Signals(signum)
 
     def describe(self) -> str:
         return "interrupt (Ctrl-C)" if self.requested == signal.SIGINT else "preemption signal"
@@ -215,12 +223,13 @@ class Trainer:
             else:
                 self.ema = EMA(self.parts, self.cfg.optim.ema_decay)
         self.loader.load_state_dict(meta["data"])
-        self.state = TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"], last_val=meta.get("val", {}))
+        self.state = TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"], last_val=meta.get("val", {}),
+                                corrupt_samples=meta.get("corrupt_samples", 0), run_id=meta.get("run_id", ""))
         self._log_main(f"resumed from {path} at step {self.state.step}")
 
     def _save(self) -> Path:
         meta = {"data": self.loader.state_dict(), "tokens_seen": self.state.tokens_seen,
-                "corrupt_samples": self.state.corrupt_samples, "config": to_dict(self.cfg),
+                "corrupt_samples": self.state.corrupt_samples, "run_id": self.state.run_id, "config": to_dict(self.cfg),
                 "has_ema": self.ema is not None, "ema_num_updates": self.ema.num_updates if self.ema else 0,
                 "val": self.state.last_val, "world_size": self.env.world_size}
         state = app_state(self.parts, self.optimizers.optimizers, self.ema.shadow if self.ema else None)
@@ -239,9 +248,10 @@ class Trainer:
         if self.env.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self._resume()
+        self.state.run_id = self.state.run_id or uuid.uuid4().hex[:12]  # rank 0's is the one saved
         tokens_per_step = cfg.data.global_batch_size * self.shape.seq_len
         self.logger = MetricsLogger(cfg, self.run_dir, self.env.is_main, cfg.train.max_steps, self.state.step,
-                                    tokens_per_step)
+                                    tokens_per_step, run_id=self.state.run_id)
         meta_model = self.family.build(cfg.model, self.shape, device="meta")
         self._log_main(f"model: {count_parameters(meta_model):,} parameters, vocab "
                        f"{self.tokenizer.vocab_size} ({self.shape.vocab_size} rows), seq_len {self.shape.seq_len}; "

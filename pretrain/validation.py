@@ -48,14 +48,14 @@ def validation_metrics(runner, ema: EMA | None, batches: Iterable[dict], objecti
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", batches: int | None = None,
                         shards: str | Path | None = None, device: str | torch.device = "cpu",
-                        corrector: bool = True) -> dict:
+                        corrector: bool = True, log: Callable[[str], None] = lambda message: None) -> dict:
     """Validation MDLM NELBO (t ~ U[sampling_eps_validation, 1], Monte-Carlo; exp bounds the
     perplexity) and corrector loss/error rates of a checkpoint's EMA weights on a split.
 
     `batches` counts batches of the run's data.global_batch_size samples, as train.eval_batches
-    (None: the whole split). With `corrector` the corrector pass is evaluated also for a model
-    trained with the MDLM loss alone: how well a plain MDLM model repairs its own argmax is the
-    control the claim needs.
+    (None: the whole split); `log` hears what is about to be evaluated. With `corrector` the
+    corrector pass is evaluated also for a model trained with the MDLM loss alone: how well a
+    plain MDLM model repairs its own argmax is the control the claim needs.
     """
     from pretrain.checkpoint import load_model, read_meta, resolve_checkpoint
     from pretrain.data import eval_batches
@@ -70,6 +70,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", batches: 
                           max_samples=batches * cfg.data.global_batch_size if batches else None,
                           expected_tokenizer_sha256=tokenizer.sha256)
     step = int(read_meta(path)["step"])
+    log(f"evaluating {path} (step {step}) on {split}: {len(loader)} batches of {cfg.data.micro_batch_size} ...")
     # load_model already holds the EMA weights, so no EMA is swapped in here.
     metrics = validation_metrics(LocalRunner(model), None, loader, objective, step, device, lambda t: t)
     return {"model": cfg.name, "checkpoint": str(path), "train_step": step, "split": split,

@@ -6,10 +6,13 @@
 #   slurm/local-cluster.sh stop     stop the daemons started here
 #   slurm/local-cluster.sh status   daemons and sinfo
 #
-# No cgroups and no accounting database: process tracking by /proc (linuxproc), no task
-# plugin. Settings that matter for tests: a default memory per CPU (or one job takes the whole
-# node), a short credential lifetime (or a requeued job waits two minutes), EnforcePartLimits
-# (or an impossible request pends forever), MinJobAge (finished jobs stay visible to scontrol).
+# No cgroups and no accounting database: process tracking by /proc (linuxproc); tasks bound to
+# their CPUs by sched_setaffinity (task/affinity, to cores by default, as on most clusters: a
+# task sees the CPUs its step gave it, so a missing --cpus-per-task shows). Settings that matter
+# for tests: a default memory per CPU (or one job takes the whole node), a short credential
+# lifetime (or a requeued job waits two minutes), EnforcePartLimits (or an impossible request
+# pends forever), MinJobAge (finished jobs stay visible to scontrol). `start` on a running
+# cluster whose configuration is not this one restarts its daemons.
 set -euo pipefail
 
 STATE=${PROSECO_SLURM_STATE:-/tmp/proseco-slurm}
@@ -42,8 +45,11 @@ configure() {
   # one CPU, on which a two-task job is refused ("More processors requested than permitted").
   cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
+  if [ -s "$CONF" ] && ! head -n 1 "$CONF" | grep -q "written by proseco-pretrain"; then
+    fail "$CONF was not written by this script: not touching it"
+  fi
   mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" "$STATE/log"
-  cat >"$CONF" <<EOF
+  cat >"$CONF.new" <<EOF
 # written by proseco-pretrain slurm/local-cluster.sh
 ClusterName=proseco-local
 SlurmctldHost=$NODE
@@ -58,7 +64,8 @@ SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
@@ -71,6 +78,9 @@ MpiDefault=none
 NodeName=$NODE CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
+  # Succeeds when the configuration changed.
+  if cmp -s "$CONF.new" "$CONF"; then rm -f "$CONF.new"; return 1; fi
+  mv "$CONF.new" "$CONF"
 }
 
 start_munge() {
@@ -89,7 +99,10 @@ start_munge() {
 start() {
   mkdir -p "$STATE"
   install
-  configure
+  if configure && { running slurmctld || running slurmd; }; then
+    say "configuration changed: restarting the daemons"
+    stop
+  fi
   start_munge
   running slurmctld || /usr/sbin/slurmctld
   running slurmd || /usr/sbin/slurmd
@@ -108,6 +121,10 @@ start() {
 stop() {
   for daemon in slurmd slurmctld; do
     pkill -x "$daemon" 2>/dev/null || true
+  done
+  for _ in $(seq 100); do
+    running slurmd || running slurmctld || break
+    sleep 0.1
   done
   say "stopped"
 }

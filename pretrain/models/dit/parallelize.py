@@ -24,6 +24,7 @@ with the config, before any process starts: `DiTConfig.layout_problems`.
 from __future__ import annotations
 
 import copy
+import warnings
 
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -79,6 +80,11 @@ def parallelize(model: DiT, layout: Layout, mesh: DeviceMesh | None, cfg: Parall
         apply_activation_checkpointing(model.blocks.values())
     if layout.dp > 1:
         apply_fsdp(model, model.blocks.values(), mesh, cfg)
+        # FSDP2 warns (once per rank) that the model returns a view: nn.Linear on [B, L, d] gives
+        # a view of its 2-D product. It matters only to an in-place op on the logits, and the step
+        # never makes one (suppress_logits adds its bias out of place); a copy of the logits to
+        # quiet it would cost B x L x V floats every forward.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return model
 
 
