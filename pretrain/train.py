@@ -256,7 +256,8 @@ class Trainer:
         self._log_main(f"model: {count_parameters(meta_model):,} parameters, vocab "
                        f"{self.tokenizer.vocab_size} ({self.shape.vocab_size} rows), seq_len {self.shape.seq_len}; "
                        f"{self.layout.describe()}, {self.accum} micro-batches of {cfg.data.micro_batch_size} per rank; "
-                       f"step mode {cfg.train.step_mode}")
+                       f"step mode {cfg.train.step_mode}; "
+                       f"{cfg.model.kernels(self.env.device.type, cfg.train.precision)}")
         preemption = PreemptionFlag()
         batches = iter(self.loader)
         throughput = Throughput()

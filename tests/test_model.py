@@ -155,3 +155,18 @@ def test_family_registry_builds_the_dit_and_maps_the_published_names():
     assert not any("attn_q." in name for name in official) and len(official) == len(state) - 2 * TINY.n_layers
     back = family.from_official({**official, "noise.sigmas": torch.zeros(1)})  # non-backbone keys are dropped
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_the_attention_kernel_a_run_uses_is_named(monkeypatch):
+    """What the run log says: SDPA on CPU whatever is asked; flash-attn only on CUDA in bf16 with
+    the package importable (auto or flash), as model.attention() chooses."""
+    import importlib.util
+
+    from pretrain.models.dit.config import DiTConfig
+
+    assert DiTConfig().kernels("cpu", "bf16") == "attention: PyTorch SDPA on cpu"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name))
+    assert DiTConfig().kernels("cuda", "bf16") == "attention: flash-attn"
+    assert DiTConfig().kernels("cuda", "fp32") == "attention: PyTorch SDPA on cuda"
+    assert DiTConfig(attention="sdpa").kernels("cuda", "bf16") == "attention: PyTorch SDPA on cuda"

@@ -62,6 +62,10 @@ class ModelConfig:
         to ('cpu' or 'cuda'), train.precision and the packages installed. Checked at train start."""
         return []
 
+    def kernels(self, device: str, precision: str) -> str:
+        """Which kernels a run on `device` ('cpu' or 'cuda') at `precision` uses, for the log."""
+        return ""
+
     def layout_problems(self, tp: int) -> list[str]:
         """What the family's parallel plan needs of this model for a tensor-parallel size `tp`
         (e.g. heads divisible by it); kept beside the config, so checking one needs no torch."""

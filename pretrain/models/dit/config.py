@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -73,6 +74,14 @@ class DiTConfig(ModelConfig):
         if (6 * self.d_model) % tp:
             found.append("the adaLN modulation width 6 * model.d_model is not divisible by parallel.tp")
         return found
+
+    def kernels(self, device: str, precision: str) -> str:
+        """model.py's choice: flash-attn where asked for or allowed (auto) and able to run (CUDA,
+        bf16, the package importable), else PyTorch SDPA (whose CUDA path has a FlashAttention
+        kernel of its own)."""
+        flash = (self.attention != "sdpa" and device == "cuda" and precision == "bf16"
+                 and importlib.util.find_spec("flash_attn") is not None)
+        return "attention: flash-attn" if flash else f"attention: PyTorch SDPA on {device}"
 
     def kernel_problems(self, device: str, precision: str) -> list[str]:
         """model.attention=flash runs only where model.py's flash-attn path can: CUDA, bf16, the package."""
