@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pretrain.checkpoint import Checkpointer, app_state, file_digest
+from pretrain.checkpoint import Checkpointer, app_state
 from pretrain.checkpoint.safe import dcp_quietly
 from pretrain.config import load_config
+from pretrain.files import file_sha256
 from pretrain.models import ModelShape, count_parameters, get_family
 from pretrain.optim import EMA, build_optimizer
 
@@ -92,7 +93,7 @@ def _rows(name: str, what: str, ratios: list[float], setup: str) -> list[dict]:
 def _digest_pass(folder: Path) -> float:
     """Seconds to hash every file of a checkpoint just written (what a save adds, without the
     disk's noise: the files are in the page cache, as they are when the save hashes them)."""
-    return _timed(lambda: [file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()])
+    return _timed(lambda: [file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()])
 
 
 def run() -> list[dict]:

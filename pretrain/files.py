@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader of `path` sees the old file or the whole new one, never a part.
+"""Atomic file writes and file digests: a reader of `path` sees the old file or the whole new one, never a part.
 
 The new content is written to a temporary sibling (same folder, so the rename stays on one file
 system) and renamed over `path` with `os.replace`, which is atomic on POSIX. The temporary name is
@@ -10,6 +10,7 @@ A leaf module (standard library only), so the tokenizer package may use it too.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -42,3 +43,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+_HASH_CHUNK = 8 << 20
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in large chunks into one buffer (hashlib releases
+    the GIL on them, so hashing in a background thread does not stall the training thread). What
+    shard manifests and checkpoint manifests record per file."""
+    digest, buffer = hashlib.sha256(), bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as stream:
+        while size := stream.readinto(buffer):
+            digest.update(view[:size])
+    return digest.hexdigest()

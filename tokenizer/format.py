@@ -193,15 +193,6 @@ def read_manifest(folder: str | Path) -> Manifest:
     return manifest
 
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's bytes (hex), read in 1 MiB blocks: what the manifest records per shard."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ShardReader:
     """Random access to the samples of one shard, checking every tar header it reads."""
 

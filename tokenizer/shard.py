@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from pretrain.errors import UserError
+from pretrain.files import file_sha256
 from tokenizer.corpora import CONTENTS, SPLITS, CorpusError, builtin_content, describe_corpus, iter_documents
 from tokenizer.format import (
     MANIFEST,
@@ -39,7 +40,6 @@ from tokenizer.format import (
     ShardError,
     ShardInfo,
     SplitInfo,
-    file_sha256,
     member_stride,
     read_manifest,
     token_dtype,

@@ -28,10 +28,10 @@ from pretrain.checkpoint.folder import (
     step_folders,
 )
 from pretrain.checkpoint.inference import consolidate, load_model, resolve_checkpoint
-from pretrain.checkpoint.integrity import VerifyMode, checkpoint_problem, file_digest, require_verified
+from pretrain.checkpoint.integrity import VerifyMode, checkpoint_problem, require_verified
 from pretrain.checkpoint.safe import dcp_load, read_dcp_metadata
 from pretrain.checkpoint.store import Checkpointer, app_state, load_app_state
 
 __all__ = ["META", "Checkpointer", "VerifyMode", "app_state", "checkpoint_name", "checkpoint_problem", "consolidate",
-           "dcp_load", "file_digest", "is_complete", "latest_checkpoint", "list_checkpoints", "load_app_state",
+           "dcp_load", "is_complete", "latest_checkpoint", "list_checkpoints", "load_app_state",
            "load_model", "read_dcp_metadata", "read_meta", "require_verified", "resolve_checkpoint", "step_folders"]

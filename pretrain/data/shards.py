@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data.order import Piece
-from tokenizer.format import Manifest, ShardError, ShardInfo, ShardReader, file_sha256, read_manifest
+from pretrain.files import file_sha256
+from tokenizer.format import Manifest, ShardError, ShardInfo, ShardReader, read_manifest
 from tokenizer.tokenizers import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
