@@ -132,7 +132,13 @@ def train(cfg: RunConfig) -> dict:
     check_machine(cfg)  # CUDA, the model's kernels, the run folder: before any process group too
     env = init_distributed(launch, cfg.train.device, cfg.parallel.timeout_s)
     try:
-        return Trainer(cfg, env).run()
+        result = Trainer(cfg, env).run()
+        if dist.is_initialized():
+            # Every rank is done before any tears its process group down: a rank destroying its
+            # connections while a peer still finishes has aborted that peer at exit (seen under srun
+            # after a preemption save). Only on success: after an error a peer may be gone.
+            dist.barrier()
+        return result
     finally:
         shutdown()
 
