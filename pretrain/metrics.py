@@ -130,10 +130,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def loss_figure(records: list[dict], eps_train: float, eps_val: float):
+def loss_figure(records: list[dict], eps_train: float, eps_val: float, errors_upweighted: bool = False):
     """The loss curves, like with like: training terms (t ~ U[eps_train, 1], the raw weights) on
     one row and validation ones (t ~ U[eps_val, 1], EMA weights) on the other, the MDLM term and
-    the corrector term each on its own axes. The total loss is their weighted sum, in metrics.jsonl."""
+    the corrector term each on its own axes. The total loss is their weighted sum, in metrics.jsonl.
+    With errors up-weighted the corrector term scores correct positions by -p (App. C.3), so
+    it goes below zero as the corrector learns: the title says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,11 +144,12 @@ def loss_figure(records: list[dict], eps_train: float, eps_val: float):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
     rows = (("train", f"training, t ~ U[{eps_train:g}, 1]", "-"),
             ("val", f"validation, t ~ U[{eps_val:g}, 1], EMA weights", "o-"))
+    corrector = "corrector loss per token" + (" (errors up-weighted: < 0 is possible)" if errors_upweighted else "")
+    terms = (("mdlm_nelbo", "MDLM NELBO per token (nats)"), ("corrector_nll", corrector))
     for row, (split, where, style) in enumerate(rows):
         points = [r for r in records if r.get("split") == split]
         steps = [r["step"] for r in points]
-        for col, (key, what) in enumerate((("mdlm_nelbo", "MDLM NELBO per token (nats)"),
-                                           ("corrector_nll", "corrector loss per token"))):
+        for col, (key, what) in enumerate(terms):
             ax = axes[row][col]
             ax.plot(steps, [r.get(key) for r in points], style, markersize=3)
             ax.set_title(f"{what}\n{where}", fontsize=10)
@@ -161,7 +164,8 @@ def plot_losses(run_dir: Path, diffusion: DiffusionConfig, out: Path | None = No
     import matplotlib.pyplot as plt
 
     out = out or Path(run_dir) / "loss.png"
-    fig = loss_figure(read_metrics(run_dir), diffusion.sampling_eps_training, diffusion.sampling_eps_validation)
+    fig = loss_figure(read_metrics(run_dir), diffusion.sampling_eps_training, diffusion.sampling_eps_validation,
+                      diffusion.corrector_training and diffusion.corrector_errors_upweighted)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -32,6 +32,11 @@ def test_loss_curves_put_training_and_validation_on_their_own_axes():
     plotted = [list(ax.get_lines()[0].get_ydata()) for ax in axes]
     assert plotted == [[3.5, 3.5], [8.5, 8.5], [3.3], [19.0]]  # one series per axes; no total loss
     assert all(len(ax.get_lines()) == 1 for ax in axes)
+    assert "< 0" not in titles[1]
+    matplotlib.pyplot.close(fig)
+    # With errors up-weighted, correct positions score -p: the title warns that < 0 is expected.
+    fig = loss_figure(records, eps_train=0.1, eps_val=1e-3, errors_upweighted=True)
+    assert "errors up-weighted: < 0 is possible" in fig.axes[1].get_title()
     matplotlib.pyplot.close(fig)
 
 

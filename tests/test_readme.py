@@ -100,7 +100,7 @@ def check_sbatch(words: list[str]) -> None:
 
 SKIPPED = {
     # first word(s) of the command: (why it does not run here, what is checked instead)
-    ("make",): ("runs the whole install, the 8-minute demo or the 10-minute suite (CI runs them); "
+    ("make",): ("runs the whole install, the 9-minute demo or the 10-minute suite (CI runs them); "
                 "its targets and variables are checked", check_make),
     ("pip", "install"): ("installs packages (a CUDA torch, flash-attn against a CUDA toolkit, the project "
                          "itself); the extras and files it names are checked", check_pip),

@@ -223,3 +223,19 @@ def test_train_command_writes_the_sample_report(text_run, tmp_path, capsys):
     assert [r["model"] for r in rows] == ["MDLM (no correction)", "ProSeCo (S=2, every 1)", "MDLM at equal NFE"]
     assert rows[2]["steps"] == round(rows[1]["nfe_total"]) and rows[2]["nfe_corrector"] == 0
     assert "samples (EMA weights):\n" + report.rstrip("\n") in capsys.readouterr().out
+
+
+def test_sample_report_of_a_smiles_run_counts_novel_molecules(smiles_run, capsys):
+    """The report judges molecules against the run's training set: novelty, and vun counts only
+    valid, unique and novel samples."""
+    import torch
+
+    from pretrain.report import write_sample_report
+
+    write_sample_report(smiles_run, torch.device("cpu"))
+    rows = [json.loads(line) for line in (smiles_run / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("novelty" in row and "n_novel" in row for row in rows)
+    for row in rows:
+        assert row["vun"] == row["n_novel"] / 2 <= row["validity"]
+    header = (smiles_run / "samples.md").read_text().splitlines()[0]
+    assert "| vun |" in header and "| novelty |" in header

