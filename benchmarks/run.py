@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-MODULES = ["loader", "sharding", "step", "sampler", "comm", "pipeline", "checkpoint", "faults"]
+MODULES = ["loader", "sharding", "step", "sampler", "comm", "pipeline", "checkpoint", "convert", "faults"]
 DOCS = Path("docs")
 
 

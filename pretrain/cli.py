@@ -3,6 +3,7 @@
     proseco config show|docs          the resolved config / the config reference
     proseco tokenizer train|shard     text -> tokenizer -> token shards
     proseco train CONFIG [a.b=v ...]  pretrain (one process, torchrun, srun or deepspeed)
+    proseco convert export|import     checkpoints to and from Hugging Face folders
 
 Subcommands live next to the code they run; each module registers its own parser so that
 importing the CLI stays cheap (torch is imported only by the commands that need it).
@@ -65,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_commands(sub)
     from pretrain.commands import add_commands as add_pretrain_commands
+    from pretrain.convert.cli import add_commands as add_convert_commands
     from tokenizer.cli import add_commands as add_tokenizer_commands
 
     add_tokenizer_commands(sub)
     add_pretrain_commands(sub)
+    add_convert_commands(sub)
     return parser
 
 

@@ -27,8 +27,11 @@ from parallel.mesh import Layout, build_mesh, dp_group
 from parallel.pipeline import PipelineRunner, stage_ids
 from parallel.rng import seed_dropout
 from parallel.runner import LocalRunner
-from pretrain.checkpoint import Checkpointer, app_state, latest_checkpoint, load_app_state
+from pretrain.checkpoint import Checkpointer, app_state, latest_checkpoint, load_app_state, read_meta, step_folders
 from pretrain.config import RunConfig, check_machine, grad_accum_steps, save_config, to_dict, validate
+from pretrain.convert.hf_import import IMPORTED_KEY
+from pretrain.convert.layouts import resize_vocab
+from pretrain.convert.source import open_init_source
 from pretrain.data import TrainLoader, eval_batches, open_shards
 from pretrain.errors import CheckpointError, UserError
 from pretrain.metrics import MetricsLogger, Throughput, plot_losses
@@ -66,6 +69,14 @@ def resolve_model_shape(cfg: RunConfig, vocab_size: int, seq_len: int) -> RunCon
                         "or re-shard with --seq-len")
     model = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size, seq_len=seq_len)
     return dataclasses.replace(cfg, model=model)
+
+
+def starts_fresh(cfg: RunConfig) -> bool:
+    """Whether a run of `cfg` starts from step 0 rather than resuming its own checkpoint (the folder
+    holds none, or checkpoint.resume=none): only then does model.init_from apply."""
+    if cfg.checkpoint.resume != "auto":
+        return cfg.checkpoint.resume == "none"
+    return not step_folders(Path(cfg.logging.run_dir) / "checkpoints")
 
 
 def autocast_for(cfg: RunConfig, device: torch.device) -> torch.autocast | None:
@@ -130,6 +141,9 @@ def train(cfg: RunConfig) -> dict:
     launch = detect_launch()
     validate(cfg, world_size=launch.world_size)  # before any process group starts
     check_machine(cfg)  # CUDA, the model's kernels, the run folder: before any process group too
+    if cfg.model.init_from and starts_fresh(cfg):
+        manifest, tokenizer = open_shards(cfg.data.shards)
+        open_init_source(resolve_model_shape(cfg, tokenizer.vocab_size, manifest.seq_len))  # shapes, before too
     env = init_distributed(launch, cfg.train.device, cfg.parallel.timeout_s)
     try:
         result = Trainer(cfg, env).run()
@@ -184,11 +198,23 @@ class Trainer:
         identical to a one-process run (built whole from the seed, then split)."""
         torch.manual_seed(self.cfg.train.seed)
         full = self.family.build(self.cfg.model, self.shape).to(self.env.device)
+        if self.cfg.model.init_from and starts_fresh(self.cfg):
+            self._initialise_from(full)
         if self.layout.pp == 1:
             return [full]
         counts = self.cfg.parallel.layers_per_stage(self.cfg.model.num_layers)
         return [self.family.build_stage(full, stage, counts)
                 for stage in stage_ids(self.layout, self.cfg.parallel.pp_virtual_stages)]
+
+    @torch.no_grad()
+    def _initialise_from(self, full: nn.Module) -> None:
+        """model.init_from's weights into the whole model, on every rank before it is split and
+        parallelised; the optimizer, the EMA (a copy of these weights), the step and the data
+        position start fresh."""
+        source = open_init_source(self.cfg)
+        weights = resize_vocab(self.family, source.load(), self.cfg.model.vocab_size, self.shape.vocab_size)
+        full.load_state_dict(weights, strict=True)
+        self._log_main(f"initialised from the {source.kind} {source.path}")
 
     def _parameters(self):
         return [p for part in self.parts for p in part.parameters()]
@@ -214,6 +240,9 @@ class Trainer:
             self._log_main(f"skipping damaged checkpoint {damaged}: {problem}")
         if path is None:
             return
+        if IMPORTED_KEY in read_meta(path):
+            raise CheckpointError(f"{path} was made by `proseco convert import` and holds weights only (no optimizer "
+                                  f"state or data position); start a new run from it with model.init_from={path}")
         state = app_state(self.parts, self.optimizers.optimizers, self.ema.shadow if self.ema else None)
         try:
             meta = self.checkpointer.load(path, state, verify=None)  # verified just now

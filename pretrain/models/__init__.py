@@ -45,6 +45,14 @@ class ModelConfig:
     checkpoints reshard; tensor parallelism splits them evenly). Padding rows are never predicted."""
     seq_len: int | None = field(default=None, metadata={"ge": 1})
     """Sequence length; None takes it from the shards' manifest."""
+    init_from: str | None = None
+    """Start a new run from these weights (fresh optimizer, data position and step): a
+    checkpoint or run folder, a consolidated .safetensors file, or a Hugging Face folder in either
+    layout (`proseco convert`). Their shapes are checked against this config before training
+    starts; a run that resumes from its own checkpoint ignores it."""
+    init_from_ema: bool = True
+    """With model.init_from a checkpoint or consolidated file: take its EMA weights (false: the raw
+    ones). A Hugging Face folder holds one set of weights."""
 
     def min_vocab_rows(self) -> int:
         """Embedding and output rows: vocab_size rounded up to vocab_multiple (while vocab_size is
@@ -104,6 +112,23 @@ class ModelFamily:
     """State dict with this framework's names -> the family's published checkpoint layout."""
     from_official: Callable[[dict], dict]
     """The inverse of to_official."""
+    official_config: Callable[..., dict]
+    """official_config(cfg, strict) -> the published layout's config.json fields (auto_map to
+    hf_modeling_file's classes included) for a model of `cfg` (vocab_size and seq_len resolved);
+    strict: a UserError for a model the released code could not build."""
+    model_fields: Callable[[dict], dict]
+    """model_fields(config_json) -> the `model:` section fields a published config.json sets."""
+    official_buffers: Callable[..., dict]
+    """official_buffers(cfg) -> the persistent buffers the published state dict carries beside the
+    parameters (their values follow from the config), under their published names."""
+    hf_prefix: str
+    """What the family's Hugging Face class keeps its network under: every weight name of an
+    exported folder starts with it, in either layout (e.g. "backbone.")."""
+    vocab_parameters: tuple[str, ...]
+    """Parameters whose first dimension is the (padded) vocabulary: what conversion re-pads."""
+    hf_modeling_file: str
+    """Path of the self-contained modeling file (torch and transformers only) that an exported
+    Hugging Face folder carries as remote code; official_config's auto_map names its classes."""
 
 
 def family_names() -> list[str]:

@@ -1,0 +1,210 @@
+"""Full weights from wherever they are, under this framework's names, with the config they fit.
+
+    a Hugging Face folder       config.json + weights, in either layout (layouts.py)
+    a consolidated file         `proseco checkpoint consolidate`: raw weights and "ema.<name>"
+    a checkpoint or run folder  DCP shards saved at any dp/tp/pp layout
+
+`open_source` reads only headers and metadata, and checks a folder's keys and shapes against the
+model its config.json describes; `Source.load()` then reads the tensors. Nothing is unpickled
+with code: safetensors, `weights_only=True`, and the checkpoints' allow-listed reader.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from parallel.ranges import field_problems
+from pretrain.checkpoint import dcp_load, read_dcp_metadata, read_meta, require_verified, resolve_checkpoint
+from pretrain.checkpoint.folder import DCP_METADATA
+from pretrain.config import RunConfig, load_config_dict
+from pretrain.convert import hf_folder
+from pretrain.convert.layouts import PAPER, check_shapes, expected_shapes, from_folder, layout_of
+from pretrain.errors import CheckpointError, ConfigError, UserError
+from pretrain.models import ModelShape, get_family
+
+PUBLISHED_FAMILIES = {"proseco": "dit"}  # config.json model_type of a published layout -> the family reading it
+EMA_PREFIX = "ema."  # consolidate()'s names for the EMA weights
+
+
+@dataclass
+class Source:
+    """Weights at `path`: what they are, the run config they belong to, and how to read them."""
+
+    path: Path
+    kind: str
+    """What was found, for messages: e.g. "Hugging Face folder (proseco-hf layout)"."""
+    run: RunConfig
+    """The config the weights belong to (model.vocab_size and model.seq_len resolved)."""
+    shapes: dict[str, tuple[int, ...]]
+    """Name -> shape of every weight `load` returns, in the model's parameter order."""
+    load: Callable[[], dict[str, torch.Tensor]]
+    """Read the weights (full tensors on the CPU, float32, this framework's names)."""
+
+
+def open_source(path: str | Path, ema: bool = True) -> Source:
+    """The weights at `path` (a folder with config.json, a .safetensors file, or a checkpoint);
+    `ema`: a checkpoint's or consolidated file's EMA weights where it has them."""
+    path = Path(path)
+    if path.is_dir() and (path / hf_folder.CONFIG).is_file():
+        return open_folder(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return open_consolidated(path, ema)
+    if path.is_file():
+        raise UserError(f"{path} is neither a .safetensors file nor a folder; give a checkpoint or run folder, a "
+                        "consolidated .safetensors file or a Hugging Face folder")
+    return open_checkpoint(path, ema)
+
+
+def _model_shapes(run: RunConfig) -> dict[str, tuple[int, ...]]:
+    family = get_family(run.model.family)
+    meta = family.build(run.model, ModelShape.of(run.model), device="meta")
+    return {name: tuple(p.shape) for name, p in meta.named_parameters()}
+
+
+def _run_config(config: dict, where: str) -> RunConfig:
+    """A RunConfig from a dict, its problems as one CheckpointError naming `where`."""
+    try:
+        return load_config_dict(config, drop_unknown=True)
+    except UserError as err:
+        raise CheckpointError(f"{where} does not describe a model this framework can build: {err}") from None
+
+
+# -- Hugging Face folders -----------------------------------------------------------------------
+
+def folder_run_config(folder: Path, config: dict) -> RunConfig:
+    """The run config of a folder: its own (proseco-pretrain layout), or the defaults with the model
+    section its config.json describes (the paper's layout, e.g. dropout 0.1 as proseco-owt)."""
+    layout = layout_of(config)
+    where = f"{folder / hf_folder.CONFIG}"
+    if layout != PAPER:
+        if not isinstance(config.get("run_config"), dict):
+            raise CheckpointError(f"{where} is in the {layout} layout but has no run_config")
+        run = _run_config(config["run_config"], where)
+        published = get_family(run.model.family).model_fields(config)
+        disagree = [name for name, value in published.items() if getattr(run.model, name) != value]
+        if disagree:
+            raise CheckpointError(f"{where}: its fields and its run_config disagree on model.{disagree[0]}; "
+                                  "the folder was edited by hand: export it again")
+        return run
+    model_type = config.get("model_type")
+    if model_type not in PUBLISHED_FAMILIES:
+        raise CheckpointError(f"{where} has model_type={model_type!r}; this framework reads the published layouts "
+                              f"{', '.join(PUBLISHED_FAMILIES)} and its own (weights_layout=proseco-pretrain)")
+    name = PUBLISHED_FAMILIES[model_type]
+    try:
+        fields = get_family(name).model_fields(config)
+    except UserError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    run = _run_config({"name": folder.name, "model": {"family": name, **fields}}, where)
+    problems = field_problems(run.model, "model.") + run.model.problems()
+    if problems:
+        raise CheckpointError(f"{where} describes a model this framework cannot build: {problems[0]}")
+    return run
+
+
+def open_folder(folder: Path) -> Source:
+    """A Hugging Face folder in either layout, its keys and shapes checked against its config.json."""
+    config = hf_folder.read_config(folder)
+    layout = layout_of(config)
+    run = folder_run_config(folder, config)
+    family = get_family(run.model.family)
+    rows = run.model.vocab_size if layout == PAPER else config.get("vocab_rows", ModelShape.of(run.model).vocab_size)
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < run.model.vocab_size:
+        raise CheckpointError(f"{folder / hf_folder.CONFIG} has vocab_rows={rows!r}; it must be an integer of at "
+                              f"least vocab_size={run.model.vocab_size}")
+    expected = expected_shapes(family, run.model, layout, rows)
+    described = f"the model its config.json describes ({_summary(config)})"
+    check_shapes(hf_folder.read_shapes(folder), expected, str(folder), described,
+                 optional=frozenset(family.official_buffers(run.model)))
+
+    def load() -> dict[str, torch.Tensor]:
+        return from_folder(family, run.model, hf_folder.read_tensors(folder), layout)
+
+    return Source(folder, f"Hugging Face folder ({layout} layout)", run, _model_shapes(run), load)
+
+
+def _summary(config: dict) -> str:
+    names = ("vocab_size", "hidden_dim", "n_blocks", "n_heads", "cond_dim", "mlp_ratio")
+    return ", ".join(f"{name}={config[name]}" for name in names if name in config)
+
+
+# -- consolidated files and checkpoints ---------------------------------------------------------
+
+def open_consolidated(file: Path, ema: bool) -> Source:
+    """A file written by `proseco checkpoint consolidate` (raw weights, "ema.<name>", the config)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
+    if "config" not in metadata:
+        raise CheckpointError(f"{file} has no run config in its metadata: it was not written by `proseco checkpoint "
+                              "consolidate`; for a Hugging Face folder pass the folder")
+    run = _run_config(json.loads(metadata["config"]), str(file))
+    prefix = EMA_PREFIX if ema and any(k.startswith(EMA_PREFIX) for k in stored) else ""
+    names = {name: prefix + name for name in _model_shapes(run)}
+    found = {name: stored[key] for name, key in names.items() if key in stored}
+    check_shapes(found, _model_shapes(run), str(file), "the model of its run config")
+
+    def load() -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(file))
+        return {name: tensors[key].float() for name, key in names.items()}
+
+    weights = "EMA" if prefix else "raw"
+    return Source(file, f"consolidated file ({weights} weights)", run, found, load)
+
+
+def open_checkpoint(path: Path, ema: bool) -> Source:
+    """A checkpoint (or the newest of a run folder), saved at any layout; checked before it is read."""
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    run = _run_config(meta.get("config", {}), str(path / "meta.json"))
+    key = "ema" if ema and meta.get("has_ema", False) else "model"
+    stored = read_dcp_metadata(path / DCP_METADATA).state_dict_metadata
+    shapes = _model_shapes(run)
+    found = {name: tuple(stored[f"{key}.{name}"].size) for name in shapes if f"{key}.{name}" in stored}
+    check_shapes(found, shapes, str(path), "the model of its run config")
+
+    def load() -> dict[str, torch.Tensor]:
+        require_verified(path, "digest", collective=False)
+        weights = {name: torch.empty(shape) for name, shape in shapes.items()}
+        dcp_load({key: weights}, path, no_dist=True)
+        return weights
+
+    return Source(path, f"checkpoint ({'EMA' if key == 'ema' else 'raw'} weights)", run, found, load)
+
+
+# -- model.init_from ----------------------------------------------------------------------------
+
+def open_init_source(cfg: RunConfig) -> Source:
+    """model.init_from's weights, their shapes checked against `cfg`'s model (vocab_size and
+    seq_len resolved); a ConfigError naming the field and the first mismatch."""
+    model = cfg.model
+    try:
+        source = open_source(model.init_from, model.init_from_ema)
+    except UserError as err:
+        raise ConfigError(f"model.init_from={model.init_from}: {err}") from None
+    if source.run.model.vocab_size != model.vocab_size:
+        raise ConfigError(f"model.init_from={model.init_from}: its vocabulary has {source.run.model.vocab_size} ids, "
+                          f"this run's tokenizer {model.vocab_size}; fine-tune on shards made with its tokenizer")
+    family = get_family(model.family)
+    rows = ModelShape.of(model).vocab_size
+    found = {name: (rows, *shape[1:]) if name in family.vocab_parameters else shape
+             for name, shape in source.shapes.items()}  # the vocabulary is re-padded to this run's multiple
+    expected = {name: tuple(p.shape) for name, p in family.build(model, ModelShape.of(model), device="meta")
+                .named_parameters()}
+    try:
+        check_shapes(found, expected, f"model.init_from={model.init_from} ({source.kind})", "this config's model")
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    return source
