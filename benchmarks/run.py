@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-MODULES = ["loader", "sharding", "step", "sampler", "comm", "pipeline", "checkpoint", "convert", "faults"]
+MODULES = ["loader", "streaming", "sharding", "step", "sampler", "comm", "pipeline", "checkpoint", "convert",
+           "faults", "zero"]
 DOCS = Path("docs")
 
 

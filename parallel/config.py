@@ -41,6 +41,14 @@ class ParallelConfig:
     """FSDP parameter dtype during compute; gradients are always reduced in fp32."""
     timeout_s: float = field(default=600.0, metadata={"gt": 0})
     """Collective timeout: a dead or stuck rank ends the job with an error after this long."""
+    engine: Literal["native", "deepspeed"] = "native"
+    """native: PyTorch's FSDP2/DDP, tensor and pipeline parallelism; deepspeed: DeepSpeed ZeRO
+    stage 1, 2 or 3 (parallel.deepspeed_config) for data-parallel-only layouts (tp = pp = 1).
+    Both train the same model on the same data with the same step; see docs/deepspeed.md."""
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    """With engine=deepspeed: a DeepSpeed JSON holding zero_optimization (stage, offload_optimizer)
+    and optionally bf16. Batch sizes, accumulation, AdamW, clipping and the learning-rate schedule
+    come from this run config (data.*, optim.*), never from the JSON."""
 
     @property
     def num_stages(self) -> int:
@@ -70,7 +78,26 @@ class ParallelConfig:
              f"parallel.dp * tp * pp = {self.dp * model_parallel} but {world_size} processes were launched; "
              "set parallel.dp=-1 to infer it or launch that many")
         found += self._pipeline_problems(num_layers)
+        if self.engine == "deepspeed":
+            found += self._deepspeed_problems()
         return found
+
+    def _deepspeed_problems(self) -> list[str]:
+        """What DeepSpeed ZeRO cannot do here: it shards over data-parallel ranks only."""
+        from parallel.deepspeed_engine import deepspeed_json_problems
+
+        found = []
+        if self.tp > 1 or self.pp > 1:
+            found.append(f"parallel.engine=deepspeed runs data-parallel layouts only (ZeRO shards over the "
+                         f"data-parallel ranks; tensor and pipeline parallelism are the native engine's), got "
+                         f"tp={self.tp} pp={self.pp}; set parallel.tp=1 parallel.pp=1, or parallel.engine=native")
+        if self.sequence_parallel:
+            found.append("parallel.sequence_parallel needs tensor parallelism, which parallel.engine=deepspeed lacks; "
+                         "set it to false")
+        if self.param_dtype != "fp32":
+            found.append("parallel.param_dtype is FSDP's; with parallel.engine=deepspeed precision comes from the "
+                         "DeepSpeed JSON's bf16 section: keep parallel.param_dtype=fp32")
+        return found + deepspeed_json_problems(self.deepspeed_config)
 
     def _pipeline_problems(self, num_layers: int) -> list[str]:
         stages = self.num_stages

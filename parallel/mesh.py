@@ -55,7 +55,10 @@ def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh | None:
         return None
     shape = (layout.pp, layout.dp, 1, layout.tp) if layout.replicate else (layout.pp, 1, layout.dp, layout.tp)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=("pp", *DP_DIMS, "tp"))
-    # One group over all data-parallel ranks (both dp dimensions), for loss and metric sums.
+    # One group over all data-parallel ranks (both dp dimensions), for loss and metric sums. Popped
+    # first: meshes of equal shape compare equal, and an entry keyed by an earlier one (a trainer
+    # before this one in the same process) would vanish with it when it is garbage-collected.
+    _FLAT_DP.pop(mesh, None)
     _FLAT_DP[mesh] = mesh[DP_DIMS]._flatten("dp")
     return mesh
 

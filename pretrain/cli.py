@@ -63,6 +63,10 @@ def installed_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proseco", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
+    # The DeepSpeed launcher puts --local_rank=N before the script's own arguments; the process
+    # reads its local rank from LOCAL_RANK (which the launcher sets too), so the flag is accepted
+    # and otherwise ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_commands(sub)
     from pretrain.commands import add_commands as add_pretrain_commands

@@ -65,7 +65,8 @@ def _train(args: argparse.Namespace) -> int:
 def _sampling_overrides(args: argparse.Namespace) -> dict:
     """The sampler flags the user gave, as SamplingConfig fields."""
     names = ("steps", "batch_size", "nucleus_p", "corrector_steps", "corrector_every", "corrector_start_iter",
-             "corrector_sampling", "corrector_top_k", "corrector_prior", "block_length", "temperature", "seed")
+             "corrector_sampling", "corrector_top_k", "corrector_prior", "block_length", "temperature", "seed",
+             "unmasking", "nucleus_cache")
     chosen = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.no_cache:
         chosen["use_cache"] = False
@@ -73,7 +74,15 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
         chosen["float64"] = False
     if args.denoise_final:
         chosen["denoise_final"] = True
+    if args.early_eos_stop:
+        chosen["early_eos_stop"] = True
     return chosen
+
+
+def _grid_sampling_overrides(args: argparse.Namespace) -> dict:
+    """The sampler flags of `eval` and `sweep` (the grid sets steps and corrector settings)."""
+    return {name: getattr(args, name) for name in ("nucleus_p", "unmasking", "nucleus_cache")
+            if getattr(args, name) is not None}
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -123,7 +132,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.samples > 0:
         _, cfg, _ = load_model(args.checkpoint)
         point = GridPoint(args.steps or cfg.sampling.steps, args.corrector_steps, args.corrector_every)
-        overrides = {"nucleus_p": args.nucleus_p} if args.nucleus_p is not None else {}
+        overrides = _grid_sampling_overrides(args)
         row = run_grid(args.checkpoint, [point], args.samples, batch_size=args.batch_size, seed=args.seed,
                        device=device, sampling_overrides=overrides, shards=args.shards, log=lambda m: None)[0]
         result["samples"] = {k: v for k, v in row.items() if k not in ("model", "checkpoint", "train_step")}
@@ -149,7 +158,7 @@ def _sweep(args: argparse.Namespace) -> None:
             raise SystemExit("proseco sweep: give --checkpoint (one or more) or --merge DIR ...")
         device = pick_device(args.device, 0)
         points = make_grid(args.steps, args.corrector_steps, args.corrector_every)
-        overrides = {"nucleus_p": args.nucleus_p} if args.nucleus_p is not None else {}
+        overrides = _grid_sampling_overrides(args)
         labels = args.label or []
         if labels and len(labels) != len(args.checkpoint):
             raise SystemExit("proseco sweep: give one --label per --checkpoint (or none)")
@@ -176,6 +185,26 @@ def _consolidate(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _convert_checkpoint(args: argparse.Namespace) -> None:
+    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.checkpoint.deepspeed import to_dcp
+
+    source = resolve_checkpoint(args.checkpoint)
+    try:
+        out = to_dcp(source, args.out)
+    except OSError as err:
+        raise UserError(f"converting {source} into {args.out} failed: {err}") from None
+    print(f"wrote {out}; resume it with either engine at any layout: proseco train CONFIG "
+          f"logging.run_dir={args.out}")
+
+
+def _add_unmasking_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--unmasking", choices=["posterior", "confidence"],
+                        help="which masked positions a step unmasks: MDLM's posterior, or the most confident")
+    parser.add_argument("--nucleus-cache", choices=["once", "official"],
+                        help="a reused forward's distribution is filtered once, or again at every reuse (official)")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="pretrain a model (one process, torchrun, srun or deepspeed)")
     train.add_argument("config", help="YAML run config, e.g. configs/shakespeare.yaml (or just overrides)")
@@ -198,6 +227,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--corrector-prior", choices=["argmax", "sample"])
     sample.add_argument("--block-length", type=int, help="semi-autoregressive blocks of this length")
     sample.add_argument("--temperature", type=float, help="block mode: 0 = greedy")
+    sample.add_argument("--early-eos-stop", action="store_true", help="block mode: a sample stops at a block "
+                        "ending in EOS (as LLaDA's harness)")
+    _add_unmasking_arguments(sample)
     sample.add_argument("--prompt", help="text to condition on (kept fixed as the prefix)")
     sample.add_argument("--seed", type=int)
     sample.add_argument("--no-cache", action="store_true", help="recompute every forward (same samples, more NFE)")
@@ -220,6 +252,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--corrector-every", type=int, default=1, help="a corrector loop every this many steps")
     evaluate.add_argument("--batch-size", type=int, help="samples generated at once (default: all)")
     evaluate.add_argument("--nucleus-p", type=float)
+    _add_unmasking_arguments(evaluate)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", help="write the metrics as JSON here")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -236,6 +269,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--num-samples", type=int, default=64, help="samples per grid point")
     sweep.add_argument("--batch-size", type=int, help="samples generated at once (default: all)")
     sweep.add_argument("--nucleus-p", type=float)
+    _add_unmasking_arguments(sweep)
     sweep.add_argument("--seed", type=int, default=0, help="sampler seed, the same for every grid point")
     sweep.add_argument("--no-novelty", action="store_true", help="SMILES: skip the training set (no novelty)")
     sweep.add_argument("--merge", nargs="+", help="instead of sampling: combine the sweep.csv of these folders")
@@ -251,3 +285,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     consolidate.add_argument("checkpoint", help="checkpoint folder, or a run folder (latest checkpoint)")
     consolidate.add_argument("out", help="output .safetensors file")
     consolidate.set_defaults(func=_consolidate)
+    convert = checkpoint_sub.add_parser("convert", help="a DeepSpeed engine's checkpoint -> a DCP checkpoint (through "
+                                        "DeepSpeed's universal format) that the native engine resumes at any layout")
+    convert.add_argument("checkpoint", help="DeepSpeed checkpoint folder, or a run folder (latest checkpoint)")
+    convert.add_argument("--out", required=True, help="run folder to write checkpoints/step_XXXXXXXX into")
+    convert.set_defaults(func=_convert_checkpoint)

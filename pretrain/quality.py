@@ -163,8 +163,36 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 
 
-def smiles_metrics(samples: list[str], training_set: set[str] | None = None, *,
-                   with_properties: bool = True) -> dict[str, float | int]:
+PROPERTIES = ("qed", "sa", "ring_count")
+"""The molecule properties scored (`_molecule_properties`), in its order."""
+
+
+def ks_distance(a: Sequence[float], b: Sequence[float]) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical
+    CDFs, from 0 (same distribution) to 1 (disjoint); nan when either side is empty."""
+    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    if not len(a) or not len(b):
+        return math.nan
+    points = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, points, side="right") / len(a)
+    cdf_b = np.searchsorted(b, points, side="right") / len(b)
+    return float(np.abs(cdf_a - cdf_b).max())
+
+
+def property_values(smiles: Iterable[str]) -> dict[str, list[float]]:
+    """QED, SA and ring count of every valid molecule among `smiles` (duplicates included): the
+    held-out reference that samples' property distributions are compared with."""
+    values: dict[str, list[float]] = {name: [] for name in PROPERTIES}
+    for text in smiles:
+        mol = _parse(text)
+        if mol is not None:
+            for name, value in zip(PROPERTIES, _molecule_properties(mol)):
+                values[name].append(value)
+    return values
+
+
+def smiles_metrics(samples: list[str], training_set: set[str] | None = None, *, with_properties: bool = True,
+                   reference: dict[str, Sequence[float]] | None = None) -> dict[str, float | int]:
     """Validity, uniqueness, novelty and mean properties of generated SMILES.
 
     - validity: valid samples / samples (see _parse: empty or space-containing samples are invalid)
@@ -175,6 +203,9 @@ def smiles_metrics(samples: list[str], training_set: set[str] | None = None, *,
     - qed_mean, sa_mean, ring_count_mean: over valid samples, duplicates included; with a training
       set also over the novel molecules (``*_novel``), the paper's "mean property of novel samples".
       SA runs from 1 (easy to make) to 10 (hard).
+    - ks_qed, ks_sa, ks_ring_count: with ``reference`` (`property_values` of held-out molecules),
+      the KS distance between the valid samples' property distribution and the reference's: a
+      guard beside vun, since a sampler can gain validity by drawing only small, easy molecules.
     """
     canonical_mols: dict[str, Any] = {}  # canonical SMILES -> molecule of its first occurrence
     valid: list[str] = []  # canonical SMILES of every valid sample, in order
@@ -198,10 +229,12 @@ def smiles_metrics(samples: list[str], training_set: set[str] | None = None, *,
     if with_properties:
         # Each distinct molecule is scored once; QED is the slow part (~1 ms per molecule).
         properties = {c: _molecule_properties(mol) for c, mol in canonical_mols.items()}
-        for index, name in enumerate(("qed", "sa", "ring_count")):
+        for index, name in enumerate(PROPERTIES):
             result[f"{name}_mean"] = _mean([properties[c][index] for c in valid])
             if training_set is not None:
                 result[f"{name}_mean_novel"] = _mean([properties[c][index] for c in novel])
+            if reference is not None:
+                result[f"ks_{name}"] = ks_distance([properties[c][index] for c in valid], reference[name])
     return result
 
 

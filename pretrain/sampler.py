@@ -6,10 +6,12 @@ Two samplers share the corrector:
   a corrector loop runs: y = the denoiser's argmax (or a sample), then S rounds of y <- update(
   corrector(y)) on the fully unmasked sequence; the result is written back only to positions
   that were unmasked before the step, and the step's unmasking is drawn from the corrector's
-  distribution (the denoiser's own draw is discarded).
+  distribution (the denoiser's own draw is discarded). Which positions a step unmasks is MDLM's
+  posterior (`sampling.unmasking=posterior`) or the schedule's expected count, most confident
+  first (`confidence`).
 - `blockwise` (sampling.block_length set): LLaDA-style semi-autoregressive blocks with
   low-confidence unmasking; the corrector stops early at a fixed point and rewrites committed
-  tokens up to the current block.
+  tokens up to the current block; with `early_eos_stop` a sample whose block ends in EOS stops.
 
 Caching and NFE accounting are per sample: a sample whose input did not change since its last
 forward reuses that forward (no NFE), so the counts are what the official code reports with batch
@@ -67,6 +69,11 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch
     return torch.searchsorted(cdf, u[..., None]).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+def _at(per_row: torch.Tensor | None, where: torch.Tensor) -> torch.Tensor | None:
+    """A per-row value [B] at the positions `where` [B, L] (in where's nonzero order)."""
+    return None if per_row is None else per_row[:, None].expand(where.shape)[where]
+
+
 def write_back(x: torch.Tensor, y: torch.Tensor, fixed: torch.Tensor, mask_id: int) -> torch.Tensor:
     """Corrections land only on tokens unmasked before this step (never on the prompt)."""
     return torch.where((x != mask_id) & ~fixed, y, x)
@@ -77,9 +84,9 @@ class Sampler:
 
     def __init__(self, model: nn.Module, cfg: SamplingConfig, *, mask_id: int, vocab_size: int, seq_len: int,
                  schedule: NoiseSchedule, time_conditioning: bool = False, device: torch.device | None = None,
-                 autocast: torch.autocast | None = None):
+                 autocast: torch.autocast | None = None, eos_id: int | None = None):
         self.model, self.cfg = model, cfg
-        self.mask_id, self.vocab_size, self.seq_len = mask_id, vocab_size, seq_len
+        self.mask_id, self.vocab_size, self.seq_len, self.eos_id = mask_id, vocab_size, seq_len, eos_id
         self.schedule, self.time_conditioning = schedule, time_conditioning
         self.device = device or next(model.parameters()).device
         self.dtype = torch.float64 if cfg.float64 else torch.float32  # of the sampled probabilities
@@ -92,7 +99,7 @@ class Sampler:
         time conditioning, with the sampler settings `sampling` (the run's own or changed ones)."""
         return cls(model, sampling, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                    seq_len=cfg.model.seq_len, schedule=NoiseSchedule(cfg.diffusion),
-                   time_conditioning=cfg.model.time_conditioning, device=device)
+                   time_conditioning=cfg.model.time_conditioning, device=device, eos_id=tokenizer.eos_id)
 
     # -- forwards (the only place NFEs are spent) ------------------------------------------------
 
@@ -138,17 +145,26 @@ class Sampler:
             fixed[:, : prompt.shape[1]] = True
         return x, fixed
 
-    def _probs(self, scores: torch.Tensor) -> torch.Tensor:
+    def _probs(self, scores: torch.Tensor, passes: torch.Tensor | None = None) -> torch.Tensor:
         """Sampling distribution of some rows of scores: softmax in the sampling dtype (fp64 by
-        default), nucleus-filtered. Only the positions actually sampled are converted."""
-        return nucleus(torch.softmax(scores.to(self.dtype), -1), self.cfg.nucleus_p)
+        default), nucleus-filtered (`passes` times per row, for the official cache semantics;
+        once by default). Only the positions actually sampled are converted."""
+        probs = torch.softmax(scores.to(self.dtype), -1)
+        if self.cfg.nucleus_p >= 1.0:
+            return probs
+        if passes is None:
+            return nucleus(probs, self.cfg.nucleus_p)
+        for k in range(int(passes.max()) if passes.numel() else 0):
+            probs = torch.where((passes > k)[:, None], nucleus(probs, self.cfg.nucleus_p), probs)
+        return probs
 
     def _draw(self, scores: torch.Tensor, where: torch.Tensor, fallback: torch.Tensor,
-              generator: torch.Generator) -> torch.Tensor:
-        """A token drawn from softmax(scores) at the positions `where`, `fallback` elsewhere."""
+              generator: torch.Generator, passes: torch.Tensor | None = None) -> torch.Tensor:
+        """A token drawn from softmax(scores) at the positions `where`, `fallback` elsewhere;
+        `passes` [B]: nucleus filters per row (None: one)."""
         out = fallback.clone()
         if where.any():
-            out[where] = sample_categorical(self._probs(scores[where]), generator)
+            out[where] = sample_categorical(self._probs(scores[where], _at(passes, where)), generator)
         return out
 
     def _corrector_update(self, scores: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -187,16 +203,48 @@ class Sampler:
 
     # -- ancestral sampling ----------------------------------------------------------------------
 
-    def _posterior_sample(self, scores: torch.Tensor, x: torch.Tensor, t: float, s: float,
-                          generator: torch.Generator) -> torch.Tensor:
-        """MDLM's reverse step from t to s: a masked position stays masked with probability
-        mc_s / mc_t, else takes a token drawn from its distribution; unmasked tokens are copied.
-        (The same distribution as one draw from q = [p (1 - mc_s/mc_t), mc_s/mc_t].)"""
+    def _keep_masked(self, t: float, s: float) -> float:
+        """mc_s / mc_t: the chance that a position masked at t is still masked at s."""
         mc_t = float(self.schedule.move_chance(torch.tensor(t, dtype=torch.float64)))
         mc_s = float(self.schedule.move_chance(torch.tensor(s, dtype=torch.float64)))
+        return mc_s / mc_t
+
+    def _unmask(self, scores: torch.Tensor, x: torch.Tensor, t: float, s: float, generator: torch.Generator,
+                passes: torch.Tensor | None = None) -> torch.Tensor:
+        """One unmasking step from t to s (sampling.unmasking); unmasked tokens are copied."""
+        if self.cfg.unmasking == "confidence":
+            return self._confidence_unmask(scores, x, self._keep_masked(t, s), generator, passes)
+        return self._posterior_sample(scores, x, self._keep_masked(t, s), generator, passes)
+
+    def _posterior_sample(self, scores: torch.Tensor, x: torch.Tensor, keep: float, generator: torch.Generator,
+                          passes: torch.Tensor | None = None) -> torch.Tensor:
+        """MDLM's reverse step: a masked position stays masked with probability keep = mc_s / mc_t,
+        else takes a token drawn from its distribution. (The same distribution as one draw from
+        q = [p (1 - mc_s/mc_t), mc_s/mc_t].)"""
         masked = x == self.mask_id
-        stay = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device) < mc_s / mc_t
-        return self._draw(scores, masked & ~stay, x, generator)
+        stay = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device) < keep
+        return self._draw(scores, masked & ~stay, x, generator, passes)
+
+    def _confidence_unmask(self, scores: torch.Tensor, x: torch.Tensor, keep: float, generator: torch.Generator,
+                           passes: torch.Tensor | None = None) -> torch.Tensor:
+        """Unmask the number of positions the schedule expects (all but round(masked * keep) per
+        sample), choosing those whose drawn token has the highest probability: a token is drawn
+        at every masked position, the most confident are kept (LLaDA's low-confidence remasking,
+        with the MDLM schedule's step sizes)."""
+        masked = x == self.mask_id
+        if not masked.any():
+            return x
+        probs = self._probs(scores[masked], _at(passes, masked))
+        drawn = sample_categorical(probs, generator)
+        proposal = x.clone()
+        proposal[masked] = drawn
+        confidence = torch.full(x.shape, -1.0, dtype=probs.dtype, device=x.device)
+        confidence[masked] = probs.gather(-1, drawn[:, None])[:, 0]
+        count = masked.sum(-1)
+        quota = count - torch.floor(count.to(torch.float64) * keep + 0.5).long()
+        rank = torch.empty_like(x).scatter_(1, confidence.argsort(dim=-1, descending=True, stable=True),
+                                            torch.arange(x.shape[1], device=x.device).expand_as(x))
+        return torch.where(masked & (rank < quota[:, None]), proposal, x)
 
     def _ancestral(self, x: torch.Tensor, fixed: torch.Tensor, generator: torch.Generator,
                    progress=None) -> SampleResult:
@@ -210,6 +258,9 @@ class Sampler:
         carry = torch.ones(batch, dtype=torch.bool, device=x.device)
         # Reusing a forward is exact only when the network does not see t.
         cache = cfg.use_cache and not self.time_conditioning
+        # Nucleus filters already applied to each row's cached distribution: the official sampler
+        # caches the filtered probabilities and filters them again at every reuse.
+        filtered = torch.zeros(batch, dtype=torch.long, device=x.device)
         times = torch.linspace(1.0, FINAL_EPS, steps + 1, dtype=torch.float64).tolist()
         for i in range(steps):
             t, s = times[i], times[i + 1]
@@ -219,7 +270,12 @@ class Sampler:
                 scores = self._refresh(scores, x, need, sigma)
                 nfe_den[need] += 1
                 carry |= need
-            x_next = self._posterior_sample(scores, x, t, s, generator)
+                filtered[need] = 0
+            if cfg.nucleus_cache == "official":
+                filtered = filtered + 1
+                x_next = self._unmask(scores, x, t, s, generator, filtered)
+            else:
+                x_next = self._unmask(scores, x, t, s, generator)
             if cfg.corrector_steps > 0 and (i + 1) % cfg.corrector_every == 0 and i + 1 >= cfg.corrector_start_iter:
                 kept = (x != self.mask_id) & carry[:, None]
                 if cfg.corrector_prior == "argmax":
@@ -229,9 +285,10 @@ class Sampler:
                 y, corrector_scores = self._corrector_loop(torch.where(fixed, x, prior), fixed, sigma, nfe_cor,
                                                            generator)
                 x = write_back(x, y, fixed, self.mask_id)
-                # The unmasking of this step is drawn from the corrector's distribution instead.
-                x_next = self._posterior_sample(corrector_scores, x, t, s, generator)
-                scores, carry = corrector_scores, torch.zeros_like(carry)
+                # The unmasking of this step is drawn from the corrector's distribution instead
+                # (filtered once; the official sampler caches it unfiltered).
+                x_next = self._unmask(corrector_scores, x, t, s, generator)
+                scores, carry, filtered = corrector_scores, torch.zeros_like(carry), torch.zeros_like(filtered)
             fresh = (x_next == x).all(-1) if cache else torch.zeros_like(fresh)
             x = x_next
             if progress is not None:
@@ -257,11 +314,12 @@ class Sampler:
         num_blocks = generated // block
         if cfg.steps % num_blocks:
             raise ValueError(f"sampling.steps={cfg.steps} must be a multiple of the {num_blocks} blocks")
+        if cfg.early_eos_stop and self.eos_id is None:
+            raise ValueError("sampling.early_eos_stop needs the tokenizer's EOS id")
         steps_per_block = cfg.steps // num_blocks
         nfe_den = torch.zeros(batch, dtype=torch.long, device=x.device)
         nfe_cor = torch.zeros_like(nfe_den)
-        all_rows = torch.ones(batch, dtype=torch.bool, device=x.device)
-        positions = torch.arange(self.seq_len, device=x.device)
+        active = torch.ones(batch, dtype=torch.bool, device=x.device)  # samples still generating
         step_index = 0
         for b in range(num_blocks):
             hi = start + (b + 1) * block  # end of the current block
@@ -269,25 +327,46 @@ class Sampler:
             base, extra = divmod(block, steps_per_block)
             quota = [base + (1 if k < extra else 0) for k in range(steps_per_block)]
             for k in range(steps_per_block):
-                scores = self._scores(x, all_rows, 0.0)
-                nfe_den += 1
-                selectable = (x == self.mask_id) & (positions < hi)
+                rows = active.nonzero()[:, 0]
                 corrects = (k + 1) % cfg.corrector_every == 0 and step_index + 1 >= cfg.corrector_start_iter
-                if cfg.corrector_steps > 0 and corrects:
-                    x, scores = self._block_corrector(x, scores, selectable, fixed, hi, nfe_cor)
+                x[rows] = self._block_step(x[rows], fixed[rows], hi, quota[k], corrects, rows, nfe_den, nfe_cor,
+                                           generator)
                 step_index += 1
-                if cfg.temperature > 0:
-                    proposal = sample_categorical(torch.softmax(scores.to(self.dtype) / cfg.temperature, -1), generator)
-                else:
-                    proposal = scores.argmax(-1)
-                confidence = (scores.gather(-1, proposal[..., None])[..., 0] - scores.logsumexp(-1)).exp()
-                confidence = torch.where(selectable, confidence, torch.full_like(confidence, -1.0))
-                chosen_index = confidence.topk(quota[k], dim=-1).indices
-                chosen = torch.zeros_like(selectable).scatter(1, chosen_index, True) & selectable
-                x = torch.where(chosen, proposal, x)
                 if progress is not None:
                     progress(step_index, cfg.steps, x)
+            if cfg.early_eos_stop:
+                # A sample whose finished block ends in EOS is done: the rest is EOS, no more forwards.
+                done = active & (x[:, hi - 1] == self.eos_id)
+                x[done] = torch.where(x[done] == self.mask_id, self.eos_id, x[done])
+                active &= ~done
+                if not active.any():
+                    break
         return SampleResult(x, nfe_den, nfe_cor)
+
+    def _block_step(self, x: torch.Tensor, fixed: torch.Tensor, hi: int, quota: int, corrects: bool,
+                    rows: torch.Tensor, nfe_den: torch.Tensor, nfe_cor: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+        """One step of the current block (ending at `hi`) for the samples `rows` (x holds only them):
+        a forward, an optional corrector loop, then the `quota` most confident masked positions
+        of the block take their proposal. NFEs are added to the rows' counters."""
+        all_rows = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        positions = torch.arange(self.seq_len, device=x.device)
+        scores = self._scores(x, all_rows, 0.0)
+        nfe_den[rows] += 1
+        selectable = (x == self.mask_id) & (positions < hi)
+        if self.cfg.corrector_steps > 0 and corrects:
+            nfe = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            x, scores = self._block_corrector(x, scores, selectable, fixed, hi, nfe)
+            nfe_cor[rows] += nfe
+        if self.cfg.temperature > 0:
+            proposal = sample_categorical(torch.softmax(scores.to(self.dtype) / self.cfg.temperature, -1), generator)
+        else:
+            proposal = scores.argmax(-1)
+        confidence = (scores.gather(-1, proposal[..., None])[..., 0] - scores.logsumexp(-1)).exp()
+        confidence = torch.where(selectable, confidence, torch.full_like(confidence, -1.0))
+        chosen_index = confidence.topk(quota, dim=-1).indices
+        chosen = torch.zeros_like(selectable).scatter(1, chosen_index, True) & selectable
+        return torch.where(chosen, proposal, x)
 
     def _block_corrector(self, x: torch.Tensor, scores: torch.Tensor, selectable: torch.Tensor, fixed: torch.Tensor,
                          hi: int, nfe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

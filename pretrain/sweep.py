@@ -32,7 +32,7 @@ from pretrain.scoring import build_scorer
 # Quality columns of the table and the plot, in order; the CSV keeps every metric.
 # Each table leads with a metric that a sampler collapsed onto a few tokens cannot win: valid,
 # unique (and novel) molecules per sample; the bigram divergence from held-out text.
-SMILES_COLUMNS = ("vun", "validity", "uniqueness", "novelty", "qed_mean")
+SMILES_COLUMNS = ("vun", "validity", "uniqueness", "novelty", "qed_mean", "ks_qed", "ks_sa")
 TEXT_COLUMNS = ("bigram_js", "trigram_perplexity", "trigram_oov_rate", "unigram_entropy", "distinct_2",
                 "repetition_rate")
 NFE_COLUMNS = ("nfe_denoiser", "nfe_corrector", "nfe_total")
@@ -40,7 +40,7 @@ SETTING_COLUMNS = ("model", "steps", "corrector_steps", "corrector_every")
 # Read back from CSV as ints (everything else numeric is a float, text stays text).
 _INT_COLUMNS = {"steps", "corrector_steps", "corrector_every", "num_samples", "train_step", "n_samples", "n_valid",
                 "n_unique", "n_novel", "trigram_n_words", "trigram_n_oov", "trigram_n_sentence_ends"}
-_TEXT_COLUMNS = {"model", "checkpoint"}
+_TEXT_COLUMNS = {"model", "checkpoint", "unmasking", "nucleus_cache"}
 _BOOL_COLUMNS = {"collapsed"}
 
 
@@ -112,7 +112,8 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
         if samples_dir is not None:
             name = f"{label}_T{point.steps}_S{point.corrector_steps}_w{point.corrector_every}.jsonl"
             write_samples(Path(samples_dir) / name, texts, result)
-        row = {"model": label, **dataclasses.asdict(point), "nucleus_p": sampling.nucleus_p, "num_samples": num_samples,
+        row = {"model": label, **dataclasses.asdict(point), "nucleus_p": sampling.nucleus_p,
+               "unmasking": sampling.unmasking, "nucleus_cache": sampling.nucleus_cache, "num_samples": num_samples,
                **nfe_summary(result), "seconds": seconds, "checkpoint": str(path), "train_step": train_step,
                **scorer.score(result.tokens, texts)}
         rows.append(row)

@@ -28,11 +28,12 @@ from parallel.pipeline import PipelineRunner, stage_ids
 from parallel.rng import seed_dropout
 from parallel.runner import LocalRunner
 from pretrain.checkpoint import Checkpointer, app_state, latest_checkpoint, load_app_state, read_meta, step_folders
+from pretrain.checkpoint.folder import is_deepspeed_checkpoint
 from pretrain.config import RunConfig, check_machine, grad_accum_steps, save_config, to_dict, validate
 from pretrain.convert.hf_import import IMPORTED_KEY
 from pretrain.convert.layouts import resize_vocab
 from pretrain.convert.source import open_init_source
-from pretrain.data import TrainLoader, eval_batches, open_shards
+from pretrain.data import TrainLoader, eval_batches, open_shards, read_options
 from pretrain.errors import CheckpointError, UserError
 from pretrain.metrics import MetricsLogger, Throughput, plot_losses
 from pretrain.models import ModelShape, count_parameters, get_family
@@ -101,7 +102,8 @@ class PreemptionFlag:
     """A second signal this soon is the same event, not a second request: under srun + torchrun a
     worker gets Slurm's SIGTERM and, a moment later, the one torchrun forwards."""
 
-    def __init__(self):
+    def __init__(self, stop_file: str | None = None):
+        self.stop_file = Path(stop_file) if stop_file else None
         self.requested: signal.Signals | None = None
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
@@ -120,7 +122,12 @@ class PreemptionFlag:
             signal.raise_signal(signum)  # the previous handler: terminate, or KeyboardInterrupt
 
     def describe(self) -> str:
+        if self.requested is None:
+            return f"stop file {self.stop_file}"
         return "interrupt (Ctrl-C)" if self.requested == signal.SIGINT else "preemption signal"
+
+    def _asked(self) -> bool:
+        return self.requested is not None or (self.stop_file is not None and self.stop_file.exists())
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():
@@ -128,10 +135,10 @@ class PreemptionFlag:
         self._previous = {}
 
     def agreed(self) -> bool:
-        """True on every rank if any rank was signalled (so all ranks save together)."""
+        """True on every rank if any rank was signalled or sees the stop file (so all ranks save together)."""
         if not dist.is_initialized():
-            return self.requested is not None
-        flag = torch.tensor([int(self.requested is not None)])
+            return self._asked()
+        flag = torch.tensor([int(self._asked())])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -146,7 +153,7 @@ def train(cfg: RunConfig) -> dict:
         open_init_source(resolve_model_shape(cfg, tokenizer.vocab_size, manifest.seq_len))  # shapes, before too
     env = init_distributed(launch, cfg.train.device, cfg.parallel.timeout_s)
     try:
-        result = Trainer(cfg, env).run()
+        result = trainer_class(cfg)(cfg, env).run()
         if dist.is_initialized():
             # Every rank is done before any tears its process group down: a rank destroying its
             # connections while a peer still finishes has aborted that peer at exit (seen under srun
@@ -157,12 +164,21 @@ def train(cfg: RunConfig) -> dict:
         shutdown()
 
 
+def trainer_class(cfg: RunConfig) -> type[Trainer]:
+    """The training loop of the engine the config names (parallel.engine)."""
+    if cfg.parallel.engine == "deepspeed":
+        from pretrain.engines.deepspeed import DeepSpeedTrainer  # imports deepspeed: only when asked for
+
+        return DeepSpeedTrainer
+    return Trainer
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv):
         self.env = env
         self.run_dir = Path(cfg.logging.run_dir)
-        self.manifest, self.tokenizer = open_shards(cfg.data.shards)
-        self.tokenizer_dir = Path(cfg.data.shards) / "tokenizer"
+        self.manifest, self.tokenizer = open_shards(cfg.data.shards, read_options(cfg.data)["read_policy"])
+        self.tokenizer_dir = self.tokenizer.folder  # the shard folder's copy (a local cache for a URL)
         self.cfg = cfg = resolve_model_shape(cfg, self.tokenizer.vocab_size, self.manifest.seq_len)
         self.layout = Layout.of(cfg.parallel, env.rank, env.world_size)
         self.mesh = build_mesh(self.layout, env.device)
@@ -170,12 +186,7 @@ class Trainer:
         self.accum = grad_accum_steps(cfg, env.world_size)
         self.shape = ModelShape.of(cfg.model)
         self.family = get_family(cfg.model.family)
-        self.parts = [self.family.parallelize(part, self.layout, self.mesh, cfg.parallel)
-                      for part in self._build_parts()]
-        self.runner = PipelineRunner(self.parts, self.layout, self.mesh, cfg.parallel, env.device) \
-            if self.layout.pp > 1 else LocalRunner(self.parts[0])
-        self.optimizers = Optimizers(self.parts, cfg.optim)
-        self.ema = EMA(self.parts, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self._setup_model()
         self.objective = Objective.build(cfg.diffusion, mask_id=self.tokenizer.mask_id,
                                          vocab_size=self.tokenizer.vocab_size, seed=cfg.train.seed,
                                          global_batch_size=cfg.data.global_batch_size)
@@ -185,13 +196,25 @@ class Trainer:
                                   dp_size=self.dp_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                                   shuffle=cfg.data.shuffle, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
                                   expected_tokenizer_sha256=self.tokenizer.sha256,
-                                  verify_digests=cfg.data.verify_shards)
+                                  verify_digests=cfg.data.verify_shards, **read_options(cfg.data))
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                          cfg.checkpoint.async_save, cfg.checkpoint.keep_every)
         self.state = TrainState()
         self.flops_per_step = self._flops_per_step()
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def _setup_model(self) -> None:
+        """The engine's room: the model parts parallelised (FSDP2/DDP, tp, pp), the runner that
+        plays the step over them, their optimizers and the EMA. The DeepSpeed engine
+        (pretrain/engines/deepspeed.py) replaces this and the optimizer step and checkpoints."""
+        cfg = self.cfg
+        self.parts = [self.family.parallelize(part, self.layout, self.mesh, cfg.parallel)
+                      for part in self._build_parts()]
+        self.runner = PipelineRunner(self.parts, self.layout, self.mesh, cfg.parallel, self.env.device) \
+            if self.layout.pp > 1 else LocalRunner(self.parts[0])
+        self.optimizers = Optimizers(self.parts, cfg.optim)
+        self.ema = EMA(self.parts, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
     def _build_parts(self) -> list[nn.Module]:
         """The model, or this rank's pipeline stages, with weights identical on every rank and
@@ -243,6 +266,15 @@ class Trainer:
         if IMPORTED_KEY in read_meta(path):
             raise CheckpointError(f"{path} was made by `proseco convert import` and holds weights only (no optimizer "
                                   f"state or data position); start a new run from it with model.init_from={path}")
+        self._restore_progress(path, self._load_checkpoint(path))
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        """The tensors of the (verified) checkpoint at `path` into the model parts, their optimizers
+        and the EMA; returns its meta.json. The DeepSpeed engine loads its own and DCP ones."""
+        if is_deepspeed_checkpoint(path):
+            raise CheckpointError(f"{path} was saved by the DeepSpeed engine: resume it with "
+                                  "parallel.engine=deepspeed, or convert it for this engine: "
+                                  f"`proseco checkpoint convert {path} --out NEW_RUN_DIR`")
         state = app_state(self.parts, self.optimizers.optimizers, self.ema.shadow if self.ema else None)
         try:
             meta = self.checkpointer.load(path, state, verify=None)  # verified just now
@@ -257,18 +289,25 @@ class Trainer:
                 self.ema.num_updates = int(meta["ema_num_updates"])
             else:
                 self.ema = EMA(self.parts, self.cfg.optim.ema_decay)
+        return meta
+
+    def _restore_progress(self, path: Path, meta: dict) -> None:
+        """The data position, counters and run id of a loaded checkpoint (either engine's)."""
         self.loader.load_state_dict(meta["data"])
         self.state = TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"], last_val=meta.get("val", {}),
                                 corrupt_samples=meta.get("corrupt_samples", 0), run_id=meta.get("run_id", ""))
         self._log_main(f"resumed from {path} at step {self.state.step}")
 
-    def _save(self) -> Path:
-        meta = {"data": self.loader.state_dict(), "tokens_seen": self.state.tokens_seen,
+    def _meta(self) -> dict:
+        """What a checkpoint's meta.json holds besides the tensors (the same for either engine)."""
+        return {"data": self.loader.state_dict(), "tokens_seen": self.state.tokens_seen,
                 "corrupt_samples": self.state.corrupt_samples, "run_id": self.state.run_id, "config": to_dict(self.cfg),
                 "has_ema": self.ema is not None, "ema_num_updates": self.ema.num_updates if self.ema else 0,
                 "val": self.state.last_val, "world_size": self.env.world_size}
+
+    def _save(self) -> Path:
         state = app_state(self.parts, self.optimizers.optimizers, self.ema.shadow if self.ema else None)
-        return self.checkpointer.save(self.state.step, state, meta, {"tokenizer": self.tokenizer_dir})
+        return self.checkpointer.save(self.state.step, state, self._meta(), {"tokenizer": self.tokenizer_dir})
 
     def _log_main(self, message: str) -> None:
         if not self.env.is_main:
@@ -293,7 +332,7 @@ class Trainer:
                        f"{self.layout.describe()}, {self.accum} micro-batches of {cfg.data.micro_batch_size} per rank; "
                        f"step mode {cfg.train.step_mode}; "
                        f"{cfg.model.kernels(self.env.device.type, cfg.train.precision)}")
-        preemption = PreemptionFlag()
+        preemption = PreemptionFlag(cfg.train.stop_file)
         batches = iter(self.loader)
         throughput = Throughput()
         try:
@@ -384,7 +423,7 @@ class Trainer:
 
     def _handle_nonfinite(self, step: int, record: dict) -> None:
         what = "loss" if not math.isfinite(record["loss"]) else "gradient norm"
-        self.optimizers.zero_grad()
+        self._discard_gradients()
         message = (f"non-finite {what} at step {step} (loss={record['loss']}, grad_norm={record['grad_norm']}); "
                    "the update was not applied")
         if self.cfg.train.on_nonfinite == "stop":
@@ -395,6 +434,9 @@ class Trainer:
         if self.state.skipped_steps >= self.cfg.train.max_skipped_steps:
             raise NonFiniteError(f"{self.state.skipped_steps} consecutive non-finite steps up to step {step}; "
                                  "stopping (train.max_skipped_steps)")
+
+    def _discard_gradients(self) -> None:
+        self.optimizers.zero_grad()
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (tensor/pipeline ranks hold the same numbers)."""
@@ -408,7 +450,7 @@ class Trainer:
         batches = eval_batches(self.cfg.data.shards, "val", micro_batch_size=self.cfg.data.micro_batch_size,
                                dp_rank=self.dp_rank, dp_size=self.dp_size,
                                max_samples=self.cfg.train.eval_batches * self.cfg.data.global_batch_size or None,
-                               verify_digests=self.cfg.data.verify_shards)
+                               verify_digests=self.cfg.data.verify_shards, **read_options(self.cfg.data))
         metrics = validation_metrics(self.runner, self.ema, batches, self.objective, self.state.step,
                                      self.env.device, self._all_reduce, self.autocast)
         metrics.update(step=self.state.step, split="val", seconds=time.perf_counter() - started)

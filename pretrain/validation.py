@@ -58,7 +58,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", batches: 
     plain MDLM model repairs its own argmax is the control the claim needs.
     """
     from pretrain.checkpoint import load_model, read_meta, resolve_checkpoint
-    from pretrain.data import eval_batches
+    from pretrain.data import eval_batches, read_options
 
     device = torch.device(device)
     path = resolve_checkpoint(checkpoint)
@@ -68,7 +68,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", batches: 
                                 seed=cfg.train.seed, global_batch_size=cfg.data.global_batch_size)
     loader = eval_batches(shards or cfg.data.shards, split, micro_batch_size=cfg.data.micro_batch_size,
                           max_samples=batches * cfg.data.global_batch_size if batches else None,
-                          expected_tokenizer_sha256=tokenizer.sha256)
+                          expected_tokenizer_sha256=tokenizer.sha256, **read_options(cfg.data))
     step = int(read_meta(path)["step"])
     log(f"evaluating {path} (step {step}) on {split}: {len(loader)} batches of {cfg.data.micro_batch_size} ...")
     # load_model already holds the EMA weights, so no EMA is swapped in here.

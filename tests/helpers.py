@@ -38,9 +38,20 @@ def write_smiles_lines(path: Path, lines: int) -> Path:
     return path
 
 
+# DeepSpeed compiles a shared-memory communication op on a machine's first CPU run (~30-70 s); every
+# test launch shares this cache, so the suite pays for it once per machine.
+TORCH_EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/proseco-torch-extensions")
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment of a multi-process launch: one thread per process, this checkout importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS,
+            **extra}
+
+
 def torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `script` under torchrun on CPU/gloo; fails the test with the workers' output on error."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = launch_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / script), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

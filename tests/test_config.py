@@ -87,6 +87,8 @@ def test_unknown_yaml_key(tmp_path):
     (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "train.step_mode=two_pass"], 2,
      "interleaved_1f1b needs parallel.pp_virtual_stages >= 2"),
     (["sampling.corrector_sampling=select_top_k"], 1, "needs sampling.corrector_top_k > 0"),
+    (["sampling.early_eos_stop=true"], 1, "needs sampling.block_length"),
+    (["sampling.unmasking=confidence", "sampling.block_length=8"], 1, "block mode (sampling.block_length) always"),
 ])
 def test_impossible_combinations_are_rejected(overrides, world, needle):
     cfg = load_config(None, overrides)
@@ -144,11 +146,11 @@ def test_configs_saved_by_older_versions_still_load():
     from pretrain.config import load_config_dict
 
     old = to_dict(RunConfig())
-    old["parallel"]["engine"] = "native"  # a field an earlier version had
-    with pytest.warns(UserWarning, match="ignoring config field parallel.engine"):
+    old["parallel"]["zero_stage"] = 2  # a field this version does not have
+    with pytest.warns(UserWarning, match="ignoring config field parallel.zero_stage"):
         cfg = load_config_dict(old, drop_unknown=True)
     assert cfg == RunConfig()
-    with pytest.raises(ConfigError, match="unknown config field parallel.engine"):
+    with pytest.raises(ConfigError, match="unknown config field parallel.zero_stage"):
         load_config_dict(old)
 
 

@@ -21,9 +21,13 @@ import torch
 
 from pretrain.data import EpochOrder, TrainLoader, eval_batches, open_split
 from tokenizer.format import (
+    FORMAT_V1,
+    FORMAT_V2,
     TAR_BLOCK,
+    Geometry,
     Manifest,
     ShardError,
+    ShardReader,
     SplitInfo,
     member_stride,
     npy_header_size,
@@ -56,10 +60,12 @@ def decode(tokens: torch.Tensor) -> list[int]:
 
 def make_shard_folder(tmp_path: Path, samples_per_shard: list[int], seq_len: int = SEQ_LEN,
                       val_samples_per_shard: list[int] | None = None, tokenizer_sha256: str = "tok0",
-                      name: str = "shards", vocab_size: int = 65536) -> Path:
-    """A shard folder as `proseco tokenizer shard` writes it; train ids 0.., val ids VAL_BASE.."""
+                      name: str = "shards", vocab_size: int = 65536, block_samples: int | None = None) -> Path:
+    """A shard folder as `proseco tokenizer shard` writes it; train ids 0.., val ids VAL_BASE..
+    v1 (one sample per member) by default, v2 with `block_samples` samples per member if given."""
     folder = tmp_path / name
     folder.mkdir()
+    geometry = Geometry(seq_len, "uint16", block_samples or 1, blocked=block_samples is not None)
     splits = {}
     for split, sizes, base in (("train", samples_per_shard, 0), ("val", val_samples_per_shard, VAL_BASE)):
         if sizes is None:
@@ -69,14 +75,16 @@ def make_shard_folder(tmp_path: Path, samples_per_shard: list[int], seq_len: int
         for index, size in enumerate(sizes):
             rel = f"{split}/shard-{index:06d}.tar"
             shard = write_shard(folder / rel, sample_rows(np.arange(base + key, base + key + size), seq_len)
-                                .astype(np.uint16), first_key=key)
+                                .astype(np.uint16), first_key=key, geometry=geometry)
             shard.path = rel
             info.shards.append(shard)
             info.samples += size
             key += size
         splits[split] = info
     write_manifest(folder, Manifest(seq_len=seq_len, dtype="uint16", packing="pack", corpus="test",
-                                    tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size, splits=splits))
+                                    tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size, splits=splits,
+                                    format=FORMAT_V2 if block_samples else FORMAT_V1,
+                                    block_samples=block_samples or 1))
     return folder
 
 
@@ -453,6 +461,74 @@ def test_fingerprint_mismatch_on_resume(tmp_path: Path, folder: Path) -> None:
         resumed.load_state_dict(state)
     resumed.load_state_dict(state, ignore_fingerprint=True)
     assert next(iter(resumed))["position"].tolist() == [8, 9, 10, 11]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact (v2) folders: blocks of samples per member
+
+
+@pytest.mark.parametrize("dp, workers", [(1, 0), (2, 2)])
+def test_compact_and_v1_folders_give_identical_batches(tmp_path: Path, dp: int, workers: int) -> None:
+    sizes, val = [7, 13, 5, 11, 9], [10, 13]
+    v1 = make_shard_folder(tmp_path, sizes, val_samples_per_shard=val, name="v1")
+    v2 = make_shard_folder(tmp_path, sizes, val_samples_per_shard=val, name="v2", block_samples=4)
+    assert open_split(v2)[0].format == FORMAT_V2 and open_split(v1)[0].format == FORMAT_V1
+    kwargs = dict(dp=dp, mb=3, gbs=6, workers=workers, seed=5)
+    batches_v1, state_v1 = global_batches(v1, 12, **kwargs)  # 72 positions: past one epoch of 45
+    batches_v2, state_v2 = global_batches(v2, 12, **kwargs)
+    assert batches_v1 == batches_v2 and state_v1["position"] == state_v2["position"]
+    assert sorted(epoch_ids(batches_v2, 0, 45)) == list(range(45))
+    for rank in range(dp):
+        passes = [[(item["position"].tolist(), item["tokens"].tolist(), item["valid"].tolist())
+                   for item in eval_batches(folder, micro_batch_size=4, dp_rank=rank, dp_size=dp, num_workers=workers)]
+                  for folder in (v1, v2)]
+        assert passes[0] == passes[1]
+    # Smaller than the v1 folder by the per-sample headers (K = 4 here; 1 MiB members in real folders).
+    size = {f: sum(p.stat().st_size for p in (f / "train").iterdir()) for f in (v1, v2)}
+    assert size[v2] * 3 < size[v1]
+
+
+def flip_block_header_byte(folder: Path, shard: int, block: int, block_samples: int) -> None:
+    path = folder / f"train/shard-{shard:06d}.tar"
+    data = bytearray(path.read_bytes())
+    data[block * Geometry(SEQ_LEN, "uint16", block_samples, blocked=True).stride + 5] ^= 0x01  # the member name
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_flipped_block_header_invalidates_that_block(tmp_path: Path, workers: int) -> None:
+    folder = make_shard_folder(tmp_path, [7, 13, 5, 11, 9], block_samples=4)
+    flip_block_header_byte(folder, shard=1, block=1, block_samples=4)  # shard 1 holds ids 7..19: block 1 is 11..14
+    loader, items = one_epoch(folder, workers=workers, max_corrupt_fraction=0.5, verify_digests=False)
+    valid = torch.cat([item["valid"] for item in items])
+    assert valid.tolist() == [not 11 <= i < 15 for i in range(45)]
+    assert loader.corrupt_samples == 4
+    keep = [i for i in range(45) if not 11 <= i < 15]
+    assert decode(torch.cat([item["tokens"] for item in items])[keep]) == keep
+    with pytest.raises(ShardError, match=r"shard-000001.tar: 4 of 13 samples are unreadable"):
+        one_epoch(folder, workers=workers, verify_digests=False)
+
+
+def test_read_deep_inside_a_block_fetches_its_header_apart(tmp_path: Path) -> None:
+    """A read far from its block's start fetches the header as a second small range, and checks it."""
+    folder = make_shard_folder(tmp_path, [5000], block_samples=4096)
+    manifest, split = open_split(folder)
+    reader = ShardReader(split.store, split.infos[0], split.geometry)
+    stride = split.geometry.stride
+    ranges = reader.ranges(4000, 4100)  # block 0 [0, 4096) and block 1 [4096, 5000)
+    assert len(ranges) == 2 and ranges[0][0] == 0 and ranges[0][1] < 1024 and ranges[1][1] > stride
+    tokens, ok = reader.read(4000, 4100)
+    assert ok.all() and tokens[:, 0].tolist() == list(range(4000, 4100))
+    assert (tokens == sample_rows(np.arange(4000, 4100))).all()
+    data = bytearray((folder / split.infos[0].path).read_bytes())
+    data[5] ^= 0x01  # block 0's member name
+    (folder / split.infos[0].path).write_bytes(bytes(data))
+    tokens, ok = ShardReader(split.store, split.infos[0], split.geometry).read(4000, 4100)
+    assert ok.tolist() == [False] * 96 + [True] * 4
+    # A file cut short inside block 1 delivers the rows it still holds.
+    os.truncate(folder / split.infos[0].path, stride + 600)
+    tokens, ok = ShardReader(split.store, split.infos[0], split.geometry).read(4094, 4100)
+    assert ok.tolist() == [False, False, False, False, False, False]
 
 
 # ---------------------------------------------------------------------------------------------

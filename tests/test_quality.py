@@ -126,6 +126,27 @@ def test_sa_score_range_and_order():
     assert scores[2] > scores[1] + 3
 
 
+def test_ks_distance():
+    assert quality.ks_distance([1, 2, 3], [3, 2, 1]) == 0.0
+    assert quality.ks_distance([0, 0.1], [5, 6, 7]) == 1.0  # disjoint
+    assert quality.ks_distance([1, 2, 3, 4], [3, 4, 5, 6]) == pytest.approx(0.5)
+    assert math.isnan(quality.ks_distance([], [1.0]))
+
+
+@needs_rdkit
+def test_property_guards_compare_samples_with_held_out_molecules():
+    """ks_* beside vun: samples of only tiny ring-free molecules are valid but far from a reference
+    of ring molecules; samples like the reference are close."""
+    reference = quality.property_values(["c1ccccc1", "C1CCCCC1", "c1ccncc1", "C1CC1C", "not a molecule"])
+    assert len(reference["qed"]) == 4 and reference["ring_count"] == [1, 1, 1, 1]
+    tiny = quality.smiles_metrics(["C", "CC", "CCC", "CO"], reference=reference)
+    alike = quality.smiles_metrics(["c1ccccc1", "C1CCCCC1", "c1ccncc1", "C1CC1C"], reference=reference)
+    assert tiny["validity"] == alike["validity"] == 1.0
+    assert tiny["ks_ring_count"] == 1.0 and alike["ks_ring_count"] == 0.0
+    assert alike["ks_qed"] == alike["ks_sa"] == 0.0 and tiny["ks_qed"] > 0.5
+    assert "ks_qed" not in quality.smiles_metrics(["CCO"])
+
+
 def test_fcd_missing_package_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "fcd", None)  # makes `import fcd` fail even where it is installed
     with pytest.raises(ImportError, match="pip install fcd"):

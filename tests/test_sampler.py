@@ -199,3 +199,101 @@ def test_categorical_draws_follow_the_probabilities(dtype):
     freq = torch.bincount(draws, minlength=6).double() / draws.numel()
     assert freq[[0, 2, 5]].sum() == 0  # zero-probability tokens are never drawn
     assert torch.allclose(freq, probs[0].double(), atol=0.005)
+
+
+class Confident(nn.Module):
+    """Position i's distribution puts probability increasing with i on token 1 (the rest spread
+    over tokens 0..3): the most confident masked positions are the last ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, sigma):
+        logits = torch.zeros(*tokens.shape, VOCAB)
+        logits[..., 4:] = -1e4
+        logits[..., 1] = torch.arange(tokens.shape[1], dtype=torch.float32)
+        return logits
+
+
+def test_confidence_unmasking_follows_the_schedule_most_confident_first():
+    """unmasking=confidence: each step unmasks all but round(masked * mc_s/mc_t) positions, never
+    leaves a mask, and picks positions by the probability of their drawn token."""
+    sampler = make_sampler(Confident(), steps=5, unmasking="confidence")
+    result, states = trace(sampler, num_samples=4)
+    masked = [L] + [int((x == MASK).sum(-1)[0]) for x in states]
+    times = torch.linspace(1.0, 1e-5, 6, dtype=torch.float64).tolist()
+    for i in range(5):
+        assert ((states[i] == MASK).sum(-1) == masked[i + 1]).all()  # the same count in every sample
+        assert masked[i + 1] == int(masked[i] * sampler._keep_masked(times[i], times[i + 1]) + 0.5)
+    assert masked[-1] == 0 and not (result.tokens == MASK).any()
+    # The drawn token's probability grows with the position: positions unmask from the right,
+    # except where a draw of a less likely token lowers a position's confidence.
+    first = states[0] != MASK
+    assert first[:, L // 2:].sum() > first[:, : L // 2].sum()
+
+
+def test_confidence_unmasking_with_a_corrector_and_the_cache():
+    """Corrector loops run with confidence unmasking (the step's unmasking from the corrector's
+    distribution), write back only to earlier positions, and T beyond the tokens to unmask costs
+    no NFE on steps that unmask nothing."""
+    result, states = trace(make_sampler(Scripted(), steps=32, unmasking="confidence", corrector_steps=2))
+    assert not (result.tokens == MASK).any()
+    assert (result.nfe_denoiser < 32).all()  # steps with a zero quota reuse the forward
+    counts = [int((x == MASK).sum(-1)[0]) for x in states]
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_official_nucleus_cache_refilters_at_every_reuse():
+    """nucleus_cache=official filters a reused distribution again (sharper at each hit); `once`
+    draws from the same filtered distribution however often the forward is reused."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    once = nucleus(probs, 0.9)
+    twice = nucleus(once, 0.9)
+    assert torch.count_nonzero(once) == 2 and torch.count_nonzero(twice) == 1  # compounding
+    sampler = make_sampler(tiny_model(), nucleus_p=0.9, nucleus_cache="official")
+    scores = torch.log(probs).repeat(3, 1)
+    got = sampler._probs(scores, torch.tensor([1, 2, 3]))
+    assert torch.allclose(got[0], once[0]) and torch.allclose(got[1], twice[0])
+    assert torch.allclose(got[2], nucleus(twice, 0.9)[0])
+    # End to end: with T far above L the cache is hit often, and the two semantics then differ;
+    # without nucleus filtering they are identical.
+    kwargs = dict(steps=64, nucleus_p=0.5)
+    official = make_sampler(tiny_model(), nucleus_cache="official", **kwargs).sample(16, seed=3)
+    plain = make_sampler(tiny_model(), **kwargs).sample(16, seed=3)
+    assert not torch.equal(official.tokens, plain.tokens)
+    same = [make_sampler(tiny_model(), steps=64, nucleus_cache=mode).sample(8, seed=3).tokens
+            for mode in ("official", "once")]
+    assert torch.equal(*same)
+
+
+def test_early_eos_stop_ends_a_sample_at_a_block_that_ends_in_eos():
+    """early_eos_stop: a sample whose finished block ends in EOS is filled with EOS and spends no
+    more forwards; without it, every block is generated."""
+    eos = 3
+
+    class EndsAtFirstBlock(nn.Module):
+        """Predicts token 0 everywhere but EOS at position 4, the first block's last."""
+
+        def __init__(self):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(1))
+
+        def forward(self, tokens, sigma):
+            logits = torch.zeros(*tokens.shape, VOCAB)
+            logits[..., 0] = 5.0
+            logits[:, 4, eos] = 50.0
+            return logits
+
+    kwargs = dict(steps=10, block_length=5, batch_size=4)
+    cfg = dataclasses.replace(SamplingConfig(num_samples=4), early_eos_stop=True, **kwargs)
+    sampler = Sampler(EndsAtFirstBlock(), cfg, mask_id=MASK, vocab_size=VOCAB, seq_len=L, schedule=SCHEDULE,
+                      eos_id=eos)
+    result = sampler.sample(4)
+    assert (result.tokens[:, :4] == 0).all() and (result.tokens[:, 4] == eos).all()
+    assert (result.tokens[:, 5:] == eos).all() and (result.nfe_denoiser == 5).all()
+    full = Sampler(EndsAtFirstBlock(), dataclasses.replace(cfg, early_eos_stop=False), mask_id=MASK,
+                   vocab_size=VOCAB, seq_len=L, schedule=SCHEDULE, eos_id=eos).sample(4)
+    assert (full.nfe_denoiser == 10).all() and not (full.tokens == MASK).any()
+    with pytest.raises(ValueError, match="EOS id"):
+        Sampler(EndsAtFirstBlock(), cfg, mask_id=MASK, vocab_size=VOCAB, seq_len=L, schedule=SCHEDULE).sample(1)

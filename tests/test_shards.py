@@ -15,10 +15,12 @@ import webdataset as wds
 from pretrain.errors import UserError
 from tests.test_tokenizer import write_smiles_corpus, write_text_corpus
 from tokenizer import shard as shard_module
+from tokenizer import tasks as tasks_module
 from tokenizer.cli import add_commands
 from tokenizer.corpora import CorpusError, iter_documents
-from tokenizer.format import MANIFEST, ShardReader, read_manifest, write_shard
+from tokenizer.format import MANIFEST, Geometry, ShardReader, read_manifest, write_shard
 from tokenizer.shard import ShardingError, shard_corpus, verify_shards
+from tokenizer.storage import Store
 from tokenizer.tokenizers import CONFIG_FILE, TokenizerError, UnknownCharacterError, load_tokenizer
 from tokenizer.train import OutputExistsError, train_tokenizer
 
@@ -55,7 +57,7 @@ def read_split(folder: Path, split: str) -> np.ndarray:
     manifest = read_manifest(folder)
     rows = []
     for info in manifest.splits[split].shards:
-        reader = ShardReader(folder / info.path, info, manifest.seq_len, manifest.dtype)
+        reader = ShardReader(Store(folder), info, Geometry.of(manifest))
         tokens, ok = reader.read(0, info.samples)
         assert ok.all()
         rows.append(tokens)
@@ -139,19 +141,31 @@ def test_manifest_and_both_readers(workdir, text_corpus, bpe):
     assert on_disk.stats["seed"] == 3 and str(text_corpus.resolve()) in on_disk.corpus
     assert on_disk.content == "text"  # a PATH corpus is text unless told otherwise
     train = on_disk.splits["train"]
-    assert [s.path for s in train.shards] == [f"train/shard-{i:06d}.tar" for i in range(len(train.shards))]
+    # One corpus chunk (the corpus is far below 64 MiB): shards 0000.. of chunk 000000.
+    assert [s.path for s in train.shards] == [f"train/shard-000000-{i:04d}.tar" for i in range(len(train.shards))]
     assert [s.first_key for s in train.shards] == list(range(0, train.samples, 64))
     assert all(s.samples == 64 for s in train.shards[:-1]) and sum(s.samples for s in train.shards) == train.samples
     for info in train.shards:
         data = (out / info.path).read_bytes()
         assert len(data) == info.bytes and hashlib.sha256(data).hexdigest() == info.sha256
-    # Plain webdataset reads the same samples under the same keys.
+    # Plain webdataset reads the same samples: one record per member, a block of up to K samples
+    # keyed by its first sample (every shard here is smaller than one block).
+    assert on_disk.format == "proseco-shards-v2" and on_disk.block_samples == (1 << 20) // (24 * 2)
     paths = [str(out / s.path) for s in train.shards]
     records = list(wds.WebDataset(paths, shardshuffle=False).decode())
-    assert [r["__key__"] for r in records] == [f"{k:012d}" for k in range(train.samples)]
-    from_wds = np.stack([r["tokens.npy"] for r in records])
+    assert [r["__key__"] for r in records] == [f"{s.first_key:012d}" for s in train.shards]
+    assert [r["tokens.npy"].shape for r in records] == [(s.samples, 24) for s in train.shards]
+    from_wds = np.concatenate([r["tokens.npy"] for r in records])
     assert from_wds.dtype == np.uint16 and (from_wds == read_split(out, "train")).all()
     assert verify_shards(out) == []
+    # v1, one sample per member, holds the same samples in the same shards under the same keys.
+    v1 = shard_corpus(str(text_corpus), bpe.folder, 24, workdir / "readers-v1", samples_per_shard=64, workers=1,
+                      seed=3, shard_format="proseco-shards-v1")
+    assert v1.format == "proseco-shards-v1" and v1.block_samples == 1 and verify_shards(workdir / "readers-v1") == []
+    records = list(wds.WebDataset([str(workdir / "readers-v1" / s.path) for s in v1.splits["train"].shards],
+                                   shardshuffle=False).decode())
+    assert [r["__key__"] for r in records] == [f"{k:012d}" for k in range(train.samples)]
+    assert (np.stack([r["tokens.npy"] for r in records]) == from_wds).all()
 
 
 def test_same_seed_gives_identical_bytes_with_any_worker_count(workdir, smiles_corpus, char):
@@ -278,7 +292,7 @@ def test_existing_output_and_failure_midway(workdir, tmp_path, text_corpus, bpe,
     with pytest.raises(OutputExistsError, match="--overwrite"):
         shard_corpus(str(text_corpus), bpe.folder, 32, out, workers=1)
     # A crash after some shards were written leaves the previous output untouched and no temporary folder.
-    monkeypatch.setattr(shard_module, "write_manifest", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(tasks_module, "write_manifest", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         shard_corpus(str(text_corpus), bpe.folder, 64, out, workers=1, overwrite=True)
     monkeypatch.undo()
@@ -308,7 +322,7 @@ def test_verify_finds_damage(workdir, tmp_path, text_corpus, bpe):
     problems = "\n".join(verify_shards(out))
     assert f"{first.path}: sha256 differs" in problems
     assert f"{second.path}: {second.bytes - 512} bytes" in problems
-    assert "val/shard-000000.tar: missing" in problems
+    assert "val/shard-000000-0000.tar: missing" in problems
     assert "tokenizer/: sha256" in problems
     assert verify_shards(tmp_path / "nothing") and "not a shard folder" in verify_shards(tmp_path / "nothing")[0]
 

@@ -13,12 +13,13 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 
 from pretrain.metrics import read_metrics
-from tests.helpers import ROOT, make_word_shards
+from tests.helpers import ROOT, TORCH_EXTENSIONS, make_word_shards
 
 pytestmark = pytest.mark.slurm
 
@@ -55,13 +56,21 @@ def overrides(shards: Path, run_dir: Path, steps: int) -> list[str]:
 
 # Two processes either way: two srun tasks, or one srun task (a node) running torchrun with two workers.
 LAYOUTS = {"train.sbatch": ["--ntasks=2", "--cpus-per-task=1"],
-           "train-torchrun.sbatch": ["--nodes=1", "--cpus-per-task=2"]}
+           "train-torchrun.sbatch": ["--nodes=1", "--cpus-per-task=2"],
+           "train-deepspeed.sbatch": ["--ntasks=2", "--cpus-per-task=1"]}
+# What each script needs to train: the DeepSpeed one runs the DeepSpeed engine (ZeRO-2).
+ENGINE = {"train-deepspeed.sbatch": ["parallel.engine=deepspeed",
+                                     f"parallel.deepspeed_config={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"]}
+# How `scancel` reaches the processes that act on a signal: srun's tasks, or (DeepSpeed's launcher
+# runs outside job steps) the batch shell, which asks the run to stop through its stop file.
+SIGNAL = {"train-deepspeed.sbatch": ["--batch"]}
 
 
 def submit(run_dir: Path, args: list[str], script: str = "train.sbatch") -> str:
     env = {**os.environ, "PROSECO": f"{sys.executable} -m pretrain.cli", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT), "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
-           "WORKERS_PER_NODE": "2"}
+           "WORKERS_PER_NODE": "2", "DEEPSPEED": f"{sys.executable} -m deepspeed.launcher.runner",
+           "PROSECO_JOB_STATE": str(run_dir / "job"), "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS}
     out = subprocess.run(["sbatch", "--parsable", *LAYOUTS[script], "--mem-per-cpu=3000",
                           f"--output={run_dir}/slurm-%j.out", str(ROOT / "slurm" / script), *args],
                          capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout
@@ -95,22 +104,27 @@ def test_srun_two_tasks_train_data_parallel(cluster, shards, tmp_path):
     assert [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("script", ["train.sbatch", "train-torchrun.sbatch"])
+@pytest.mark.parametrize("script", ["train.sbatch", "train-torchrun.sbatch", "train-deepspeed.sbatch"])
 def test_signal_checkpoints_requeues_and_resumes(cluster, shards, tmp_path, script):
     """Under torchrun too: torchrun exits 1 whatever its workers' codes; the workers' markers
-    tell the script that they checkpointed (75)."""
+    tell the script that they checkpointed (75). Under the DeepSpeed launcher (hostfile of the
+    allocation, ZeRO-2 engine, 2 tasks): the batch shell's stop file."""
+    if script == "train-deepspeed.sbatch" and find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (extra: deepspeed)")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    job_id = submit(run_dir, overrides(shards, run_dir, steps=40), script)
+    job_id = submit(run_dir, [*overrides(shards, run_dir, steps=40), *ENGINE.get(script, [])], script)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # as --signal=USR1@300 would
+    # As --signal=USR1@300 (B:USR1@300 for the DeepSpeed script) would.
+    subprocess.run(["scancel", "--signal=USR1", *SIGNAL.get(script, []), job_id], check=True)
     info = wait_for(job_id)
     output = "".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, output[-3000:]
-    label = "0: [rank0]:" if script == "train-torchrun.sbatch" else "0: "  # Slurm task id, and torchrun's rank
+    # Slurm task id, and torchrun's rank (the DeepSpeed launcher runs outside srun: no label)
+    label = {"train-torchrun.sbatch": "0: [rank0]:", "train-deepspeed.sbatch": ""}.get(script, "0: ")
     assert "requeueing" in output and f"\n{label}resumed from" in output, output[-3000:]
     steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
     assert steps[-1] == 40 and sorted(set(steps)) == list(range(1, 41))

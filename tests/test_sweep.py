@@ -109,7 +109,7 @@ def test_sweep_writes_one_consistent_row_per_grid_point(smiles_run, tmp_path):
         loops = row["steps"] // row["corrector_every"] if row["corrector_steps"] else 0
         assert loops <= row["nfe_corrector"] <= row["corrector_steps"] * loops  # 0 exactly when S = 0
         assert row["n_samples"] == 6 and {"validity", "uniqueness", "novelty", "qed_mean"} <= row.keys()
-        assert row["nucleus_p"] == 1.0
+        assert row["nucleus_p"] == 1.0 and (row["unmasking"], row["nucleus_cache"]) == ("posterior", "once")
     by_setting: dict[tuple, list[dict]] = {}
     for row in rows:
         by_setting.setdefault((row["corrector_steps"], row["corrector_every"]), []).append(row)
@@ -134,6 +134,20 @@ def test_sweep_writes_one_consistent_row_per_grid_point(smiles_run, tmp_path):
     assert cli_main(["sweep", "--merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     merged = read_rows(tmp_path / "merged" / "sweep.csv")
     assert [json.dumps(r, sort_keys=True) for r in merged] == [json.dumps(r, sort_keys=True) for r in rows]  # nan-safe
+
+
+def test_sweep_with_confidence_unmasking_and_the_official_cache(smiles_run, tmp_path):
+    """The sampler switches reach every grid point and are recorded in its row; confidence
+    unmasking leaves no mask and spends one denoiser forward per step that unmasks (T <= L)."""
+    out = tmp_path / "sweep"
+    assert cli_main(["sweep", "--checkpoint", str(smiles_run), "--steps", "4,8", "--corrector-steps", "0,1",
+                     "--num-samples", "4", "--nucleus-p", "0.9", "--unmasking", "confidence",
+                     "--nucleus-cache", "official", "--no-novelty", "--out", str(out)]) == 0
+    rows = read_rows(out / "sweep.csv")
+    assert len(rows) == 4
+    for row in rows:
+        assert (row["unmasking"], row["nucleus_cache"], row["nucleus_p"]) == ("confidence", "official", 0.9)
+        assert row["masked_left"] == 0 and row["nfe_denoiser"] == row["steps"]
 
 
 def test_sweep_on_text_reports_judge_entropy_and_repetition(text_run, tmp_path):
@@ -235,6 +249,8 @@ def test_sample_report_of_a_smiles_run_counts_novel_molecules(smiles_run, capsys
     write_sample_report(smiles_run, torch.device("cpu"))
     rows = [json.loads(line) for line in (smiles_run / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("novelty" in row and "n_novel" in row for row in rows)
+    # The property guards against held-out molecules sit beside vun (nan only without valid samples).
+    assert all(0 <= row["ks_qed"] <= 1 or (math.isnan(row["ks_qed"]) and row["n_valid"] == 0) for row in rows)
     for row in rows:
         assert row["vun"] == row["n_novel"] / 2 <= row["validity"]
     header = (smiles_run / "samples.md").read_text().splitlines()[0]

@@ -1,8 +1,9 @@
-"""`proseco tokenizer train|shard|verify`: text -> tokenizer folder -> token shards."""
+"""`proseco tokenizer train|shard|merge|verify|migrate|upload`: text -> tokenizer folder -> token shards."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -15,11 +16,17 @@ def _corpus_options(args: argparse.Namespace) -> dict[str, Any]:
             "val_fraction": args.val_fraction, "line_documents": args.line_documents}
 
 
+def _available_cores() -> int:
+    """Cores this process may run on (its CPU affinity: what Slurm or taskset granted)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _train(args: argparse.Namespace) -> None:
     from tokenizer.train import train_tokenizer
 
     start = time.perf_counter()
     tokenizer = train_tokenizer(args.corpus, args.kind, args.out, args.vocab_size, overwrite=args.overwrite,
+                                sample_sentences=args.sample_sentences, max_train_chars=args.max_train_chars,
                                 **_corpus_options(args))
     print(f"wrote {args.out}: {tokenizer.kind} tokenizer, vocab_size {tokenizer.vocab_size} (mask {tokenizer.mask_id}, "
           f"pad {tokenizer.pad_id}, bos {tokenizer.bos_id}, eos {tokenizer.eos_id}), sha256 {tokenizer.sha256[:16]}, "
@@ -27,12 +34,23 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _shard(args: argparse.Namespace) -> None:
-    from tokenizer.shard import shard_corpus
+    from tokenizer.shard import shard_corpus, shard_task
 
     start = time.perf_counter()
-    manifest = shard_corpus(args.corpus, args.tokenizer, args.seq_len, args.out, packing=args.packing,
-                            samples_per_shard=args.samples_per_shard, workers=args.workers, seed=args.seed,
-                            overwrite=args.overwrite, content=args.content, **_corpus_options(args))
+    options = dict(packing=args.packing, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                   seed=args.seed, content=args.content, shard_format=args.format,
+                   chunk_chars=int(args.chunk_mib * (1 << 20)), **_corpus_options(args))
+    if args.task_index is not None or args.num_tasks is not None:
+        if args.task_index is None or args.num_tasks is None:
+            raise UserError("--task-index and --num-tasks go together (e.g. --task-index $SLURM_ARRAY_TASK_ID "
+                            "--num-tasks $SLURM_ARRAY_TASK_COUNT)")
+        counts = shard_task(args.corpus, args.tokenizer, args.seq_len, args.out, task_index=args.task_index,
+                            num_tasks=args.num_tasks, **options)
+        print(f"task {args.task_index} of {args.num_tasks}: wrote {counts['written']} chunks into {args.out}, "
+              f"skipped {counts['skipped']} finished before, {time.perf_counter() - start:.1f} s; after the last "
+              f"task: proseco tokenizer merge {args.out}")
+        return
+    manifest = shard_corpus(args.corpus, args.tokenizer, args.seq_len, args.out, overwrite=args.overwrite, **options)
     splits = ", ".join(f"{name} {split.samples} samples in {len(split.shards)} shards"
                        for name, split in manifest.splits.items())
     stats = manifest.stats
@@ -55,6 +73,31 @@ def _verify(args: argparse.Namespace) -> None:
     print(f"{args.folder}: ok")
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from tokenizer.shard import merge_shards
+
+    manifest = merge_shards(args.folder)
+    splits = ", ".join(f"{name} {split.samples} samples in {len(split.shards)} shards"
+                       for name, split in manifest.splits.items())
+    print(f"wrote {args.folder}/manifest.json: {splits}; fingerprint {manifest.fingerprint}")
+
+
+def _migrate(args: argparse.Namespace) -> None:
+    from tokenizer.shard import migrate_shards
+
+    start = time.perf_counter()
+    manifest = migrate_shards(args.folder, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {manifest.format}, {manifest.block_samples} samples per member, the same samples "
+          f"under the same keys; fingerprint {manifest.fingerprint}, {time.perf_counter() - start:.1f} s")
+
+
+def _upload(args: argparse.Namespace) -> None:
+    from tokenizer.shard import upload_shards
+
+    files = upload_shards(args.folder, args.url)
+    print(f"uploaded {files} files of {args.folder} to {args.url} (manifest last)")
+
+
 def _add_corpus_arguments(parser: argparse.ArgumentParser, corpus_required: bool) -> None:
     parser.add_argument("--corpus", required=corpus_required,
                         help="shakespeare, moses, qm9, or a PATH: text file (documents separated by blank lines), "
@@ -71,10 +114,12 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser, corpus_required: bool
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `tokenizer train|shard|verify` on the top-level subparsers of `proseco`."""
+    """Register `tokenizer train|shard|merge|verify|migrate|upload` on the top-level subparsers of `proseco`."""
     from tokenizer.corpora import CONTENTS
+    from tokenizer.format import FORMAT, FORMAT_V1, FORMATS
     from tokenizer.shard import DEFAULT_SAMPLES_PER_SHARD, PACKINGS
-    from tokenizer.train import KINDS
+    from tokenizer.tasks import DEFAULT_CHUNK_CHARS
+    from tokenizer.train import KINDS, SPM_MAX_CHUNK_CHARS, SPM_MAX_SENTENCES
 
     tokenizer = sub.add_parser("tokenizer", help="train tokenizers and write token shards")
     tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
@@ -86,13 +131,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--vocab-size", type=int,
                        help="bpe/unigram: number of ids incl. specials (required); char: upper bound; gpt2: 50258")
     train.add_argument("--out", required=True, help="tokenizer folder to create")
+    train.add_argument("--sample-sentences", type=int, default=SPM_MAX_SENTENCES,
+                       help=f"bpe/unigram: train on a seeded random sample of at most this many text chunks of "
+                            f"up to {SPM_MAX_CHUNK_CHARS} characters (bounds memory; default {SPM_MAX_SENTENCES})")
+    train.add_argument("--max-train-chars", type=int,
+                       help="bpe/unigram: read only the first this many characters of the train split (bounds "
+                            "time on a large corpus; default: all)")
     train.set_defaults(func=_train)
 
     shard = tokenizer_sub.add_parser("shard", help="tokenize a corpus into shuffled webdataset shards")
     _add_corpus_arguments(shard, corpus_required=True)
     shard.add_argument("--tokenizer", required=True, help="tokenizer folder (from `proseco tokenizer train`)")
     shard.add_argument("--seq-len", type=int, required=True, help="tokens per sample, BOS and EOS included")
-    shard.add_argument("--out", required=True, help="shard folder to create")
+    shard.add_argument("--out", required=True,
+                       help="shard folder to create: a path or a URL (s3://bucket/prefix, gs://..., az://...; "
+                            "written locally first, then uploaded with the manifest last)")
+    shard.add_argument("--format", default=FORMAT, choices=FORMATS,
+                       help=f"{FORMAT}: members of ~1 MiB blocks of samples, <1%% overhead (default); "
+                            f"{FORMAT_V1}: one member per sample")
     shard.add_argument("--packing", choices=PACKINGS,
                        help="pack: documents joined and cut (default for bpe/unigram/gpt2); "
                             "pad: one document per sample (default for char)")
@@ -101,10 +157,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "corpus' own, text for a PATH; e.g. --content smiles for a file of SMILES)")
     shard.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD,
                        help=f"samples per tar file (default {DEFAULT_SAMPLES_PER_SHARD})")
-    shard.add_argument("--workers", type=int, default=2, help="processes for tokenizing and writing (default 2)")
+    shard.add_argument("--workers", type=int, default=_available_cores(),
+                       help="processes for tokenizing (default: every core this process may use, "
+                            f"{_available_cores()} here; a Slurm task's --cpus-per-task)")
     shard.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default 0)")
+    shard.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_CHARS / (1 << 20),
+                       help="text per corpus chunk, the unit of shuffling, of memory and of task work (default "
+                            f"{DEFAULT_CHUNK_CHARS >> 20}: samples are shuffled within a chunk)")
+    shard.add_argument("--task-index", type=int,
+                       help="run only task I of --num-tasks N (a Slurm array), writing its chunks into --out; "
+                            "a re-run skips finished chunks; then `proseco tokenizer merge OUT`")
+    shard.add_argument("--num-tasks", type=int, help="number of tasks sharing the corpus (with --task-index)")
     shard.set_defaults(func=_shard)
 
-    verify = tokenizer_sub.add_parser("verify", help="check a shard folder against its manifest")
+    verify = tokenizer_sub.add_parser("verify", help="check a shard folder (path or URL) against its manifest")
     verify.add_argument("folder", help="shard folder (holding manifest.json)")
     verify.set_defaults(func=_verify)
+
+    merge = tokenizer_sub.add_parser("merge", help="write the manifest once every --task-index task has finished")
+    merge.add_argument("folder", help="the --out of the tasks (path or URL)")
+    merge.set_defaults(func=_merge)
+
+    migrate = tokenizer_sub.add_parser("migrate", help=f"rewrite a shard folder as {FORMAT}, the same tokens")
+    migrate.add_argument("folder", help="shard folder to read (path or URL; left as it is)")
+    migrate.add_argument("--out", required=True, help="local shard folder to create")
+    migrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    migrate.set_defaults(func=_migrate)
+
+    upload = tokenizer_sub.add_parser("upload", help="copy a verified local shard folder to a URL, manifest last")
+    upload.add_argument("folder", help="local shard folder")
+    upload.add_argument("url", help="destination, e.g. s3://bucket/prefix (credentials from the environment)")
+    upload.set_defaults(func=_upload)

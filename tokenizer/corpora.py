@@ -17,9 +17,13 @@ file of SMILES). The shard manifest records it, and sample scoring picks its jud
 
 Anything else is a PATH (for a file or folder named like a built-in, write ./NAME):
 
-- a folder: every ``*.txt`` and ``*.md`` file under it (recursively, sorted by path), one document each;
-- a ``.jsonl`` file (optionally ``.jsonl.gz``): one document per line, the text in field
-  ``text_field`` (default "text");
+- a folder: every ``*.txt`` and ``*.md`` file under it (recursively, sorted by path), one document
+  each; or, when it holds record files (``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst``,
+  ``*.parquet``: how large corpora ship), the documents of each record file in path order;
+- a ``.jsonl`` file (optionally ``.jsonl.gz`` or ``.jsonl.zst``): one document per line, the text
+  in field ``text_field`` (default "text");
+- a ``.parquet`` file: one document per row, the text in column ``text_field`` (default "text"),
+  read one row group at a time (needs pyarrow: ``pip install -e .[corpora]``);
 - any other file (optionally gzipped): plain text whose documents are separated by blank lines,
   or, with ``line_documents=True`` (``--line-documents``), one document per non-empty line
   (e.g. one SMILES per line). Text inside a document is kept byte for byte.
@@ -56,6 +60,8 @@ BUILTINS = {"shakespeare": "text", "moses": "smiles", "qm9": "smiles"}
 DEFAULT_VAL_FRACTION = 0.01
 DEFAULT_TEXT_FIELD = "text"
 TEXT_SUFFIXES = (".txt", ".md")
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+"""Files of many documents each; every one of them streams (memory bounded by a row group or a line)."""
 
 SHAKESPEARE_VAL_PLAYS = ("julius-caesar", "the-tempest", "twelfth-night")
 """Held out for validation: a tragedy, a romance and a comedy (6.5% of the characters)."""
@@ -205,7 +211,34 @@ def _open_text(path: Path) -> io.TextIOBase:
     # newline="" keeps \r\n and lone \r as they are: documents must reach the tokenizer unchanged.
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", newline="")
+    if path.suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise CorpusError(f"{path} is zstd-compressed: reading it needs zstandard "
+                              "(pip install -e .[corpora])") from None
+        stream = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.TextIOWrapper(stream, encoding="utf-8", newline="")
     return open(path, encoding="utf-8", newline="")
+
+
+def _parquet_documents(path: Path, column: str) -> Iterator[str]:
+    """The strings of one column, a row group at a time (null and empty rows are skipped later)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError(f"{path} is Parquet: reading it needs pyarrow (pip install -e .[corpora])") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow's errors are its own
+        raise CorpusError(f"{path} is not a readable Parquet file ({err})") from None
+    if column not in parquet.schema_arrow.names:
+        raise CorpusError(f"{path} has no column {column!r} (columns: {parquet.schema_arrow.names}); pass the "
+                          "right one with --text-field")
+    for group in range(parquet.num_row_groups):
+        for text in parquet.read_row_group(group, columns=[column]).column(0).to_pylist():
+            if isinstance(text, str):
+                yield text
 
 
 def _blank_line_documents(path: Path) -> Iterator[str]:
@@ -245,21 +278,34 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             yield record[text_field]
 
 
-def _folder_documents(folder: Path) -> Iterator[str]:
+def _folder_documents(folder: Path, text_field: str) -> Iterator[str]:
+    records = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(RECORD_SUFFIXES))
+    if records:
+        for path in records:
+            yield from _record_documents(path, text_field)
+        return
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
     if not files:
-        raise CorpusError(f"folder {folder} holds no {' or '.join(TEXT_SUFFIXES)} files; point --corpus at text files")
+        raise CorpusError(f"folder {folder} holds no {' or '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)} files; point "
+                          "--corpus at text or record files")
     for path in files:
         yield path.read_bytes().decode("utf-8")  # not read_text: it would turn \r\n into \n
 
 
+def _record_documents(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix == ".parquet":
+        return _parquet_documents(path, text_field)
+    return _jsonl_documents(path, text_field)
+
+
 def _path_source(path: Path, text_field: str | None, line_documents: bool) -> Callable[[], Iterator[str]]:
     if path.is_dir():
-        return lambda: _folder_documents(path)
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        return lambda: _jsonl_documents(path, text_field or DEFAULT_TEXT_FIELD)
+        return lambda: _folder_documents(path, text_field or DEFAULT_TEXT_FIELD)
+    if path.name.endswith(RECORD_SUFFIXES):
+        return lambda: _record_documents(path, text_field or DEFAULT_TEXT_FIELD)
     if text_field is not None:
-        raise CorpusError(f"--text-field applies to .jsonl files, not {path}; drop it or convert the file to JSONL")
+        raise CorpusError(f"--text-field applies to .jsonl and .parquet files, not {path}; drop it or convert the "
+                          "file to JSONL")
     return (lambda: _line_documents(path)) if line_documents else (lambda: _blank_line_documents(path))
 
 

@@ -127,8 +127,18 @@ def _explain_sentencepiece_error(err: RuntimeError, vocab_size: int) -> str:
 
 
 def train_sentencepiece(documents: Iterable[str], model_type: str, vocab_size: int, folder: Path,
-                        threads: int = 2) -> dict[str, Any]:
-    """Train a lossless SentencePiece model into `folder`; returns the tokenizer.json content (no sha256)."""
+                        threads: int = 2, sample_sentences: int = SPM_MAX_SENTENCES,
+                        max_train_chars: int | None = None) -> dict[str, Any]:
+    """Train a lossless SentencePiece model into `folder`; returns the tokenizer.json content (no sha256).
+
+    The training sample is bounded twice: SentencePiece keeps a seeded random sample of at most
+    `sample_sentences` chunks of up to SPM_MAX_CHUNK_CHARS characters (memory), and reading stops
+    after the first `max_train_chars` characters of the corpus (time; None reads it all).
+    """
+    if sample_sentences <= 100:  # SentencePiece's own lower bound
+        raise TokenizerError(f"--sample-sentences must be above 100, got {sample_sentences}")
+    if max_train_chars is not None and max_train_chars < 1:
+        raise TokenizerError(f"--max-train-chars must be positive, got {max_train_chars}")
     import sentencepiece as spm
 
     if vocab_size < 262:
@@ -141,6 +151,8 @@ def train_sentencepiece(documents: Iterable[str], model_type: str, vocab_size: i
         # SentencePiece consumes this from C++ and would swallow a corpus error: keep it for re-raising.
         try:
             for document in documents:
+                if max_train_chars is not None and stats["characters"] >= max_train_chars:
+                    break
                 stats["documents"] += 1
                 stats["characters"] += len(document)
                 yield from _sentencepiece_chunks([document])
@@ -156,7 +168,7 @@ def train_sentencepiece(documents: Iterable[str], model_type: str, vocab_size: i
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             allow_whitespace_only_pieces=True, byte_fallback=True, character_coverage=1.0,
             split_digits=True, max_sentence_length=4 * SPM_MAX_CHUNK_CHARS + 16,
-            input_sentence_size=SPM_MAX_SENTENCES, shuffle_input_sentence=True,
+            input_sentence_size=sample_sentences, shuffle_input_sentence=True,
             control_symbols=[MASK_TEXT], num_threads=threads, minloglevel=2, **SPM_SPECIAL_IDS)
     except RuntimeError as err:
         if errors:
@@ -235,11 +247,14 @@ def make_gpt2_folder(folder: Path, vocab_size: int | None = None) -> dict[str, A
 
 def train_tokenizer(corpus: str | None, kind: str, out: str | Path, vocab_size: int | None = None, *,
                     text_field: str | None = None, overwrite: bool = False, threads: int = 2,
+                    sample_sentences: int = SPM_MAX_SENTENCES, max_train_chars: int | None = None,
                     **corpus_options: Any) -> Tokenizer:
     """Make a tokenizer of `kind` from `corpus` (its train split; char: both) in folder `out`, and load it.
 
     vocab_size is required for bpe/unigram; for char it is an upper bound (the alphabet decides);
-    gpt2's is fixed and needs no corpus. `corpus_options` are those of `tokenizer.corpora.iter_documents`.
+    gpt2's is fixed and needs no corpus. `sample_sentences` and `max_train_chars` bound what
+    SentencePiece learns from (see `train_sentencepiece`). `corpus_options` are those of
+    `tokenizer.corpora.iter_documents`.
     """
     if kind not in KINDS:
         raise TokenizerError(f"--kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
@@ -257,7 +272,8 @@ def train_tokenizer(corpus: str | None, kind: str, out: str | Path, vocab_size: 
                 val = iter_documents(corpus, "val", text_field, **corpus_options)
                 config = make_char_config(itertools.chain(documents, val), vocab_size)
             else:
-                config = train_sentencepiece(documents, kind, vocab_size, folder, threads)
+                config = train_sentencepiece(documents, kind, vocab_size, folder, threads, sample_sentences,
+                                             max_train_chars)
             config["info"]["corpus"] = describe_corpus(corpus, text_field, **corpus_options)
         write_config(folder, config)
         load_tokenizer(folder)  # a folder that does not load must not become `out`

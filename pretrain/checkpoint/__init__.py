@@ -16,6 +16,7 @@ last good one for a bad one (store.py).
     folder.py     names, listing, meta.json          safe.py       DCP loads that never unpickle code
     integrity.py  digests at save, checks at load    store.py      Checkpointer: save, rotate, resume point
     inference.py  load_model, consolidate
+    deepspeed.py  a DeepSpeed engine's checkpoint (DeepSpeed's files in deepspeed/) as a DCP one
 """
 
 from pretrain.checkpoint.folder import (

@@ -17,6 +17,9 @@ from pretrain.errors import CheckpointError
 META = "meta.json"
 MANIFEST = "manifest.json"
 DCP_METADATA = ".metadata"
+DEEPSPEED_DIR = "deepspeed"
+"""A DeepSpeed engine's checkpoint keeps DeepSpeed's own files in this subfolder (its "tag") in
+place of DCP's shards; meta.json and manifest.json are the same as in a DCP checkpoint."""
 TMP, ASIDE, DAMAGED = ".tmp", ".old", ".damaged"
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -36,9 +39,16 @@ def is_checkpoint_name(path: Path) -> bool:
     return bool(_NAME.match(path.name))
 
 
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """Saved by the DeepSpeed engine (DeepSpeed's files in DEEPSPEED_DIR, no DCP metadata)."""
+    return (path / DEEPSPEED_DIR).is_dir() and not (path / DCP_METADATA).exists()
+
+
 def is_complete(path: Path) -> bool:
-    """A finished checkpoint: final name, DCP metadata and meta.json all present (not yet verified)."""
-    return is_checkpoint_name(path) and (path / DCP_METADATA).is_file() and (path / META).is_file()
+    """A finished checkpoint: final name, DCP metadata (or DeepSpeed's folder) and meta.json all
+    present (not yet verified)."""
+    tensors = (path / DCP_METADATA).is_file() or is_deepspeed_checkpoint(path)
+    return is_checkpoint_name(path) and tensors and (path / META).is_file()
 
 
 def step_folders(folder: Path) -> list[Path]:

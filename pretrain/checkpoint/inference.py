@@ -1,4 +1,6 @@
-"""A checkpoint outside training: the model for sampling and evaluation, one safetensors file."""
+"""A checkpoint outside training: the model for sampling and evaluation, one safetensors file.
+
+Either engine's: a DeepSpeed checkpoint is read through its DCP conversion (deepspeed.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.folder import is_checkpoint_name, read_meta, step_folders
+from pretrain.checkpoint.folder import is_checkpoint_name, is_deepspeed_checkpoint, read_meta, step_folders
 from pretrain.checkpoint.integrity import VerifyMode, require_verified
 from pretrain.checkpoint.safe import dcp_load
 from pretrain.errors import CheckpointError
@@ -43,6 +45,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
     from tokenizer.tokenizers import load_tokenizer
 
     path = resolve_checkpoint(path)
+    if is_deepspeed_checkpoint(path):
+        from pretrain.checkpoint.deepspeed import readable
+
+        with readable(path) as converted:  # the tokenizer from `path`: the conversion is temporary
+            model, cfg, _ = load_model(converted, device, use_ema, verify)
+        return model, cfg, load_tokenizer(path / "tokenizer")
     # This process alone reads every shard (also inside a multi-process job), so it checks them all.
     require_verified(path, verify, collective=False)
     meta = read_meta(path)
@@ -61,6 +69,11 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = resolve_checkpoint(path)
+    if is_deepspeed_checkpoint(path):
+        from pretrain.checkpoint.deepspeed import readable
+
+        with readable(path) as converted:
+            return consolidate(converted, out)
     model, cfg, _ = load_model(path, use_ema=False)  # checks the checkpoint
     meta = read_meta(path)
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}

@@ -22,7 +22,7 @@ from typing import Literal
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata
 
-from pretrain.checkpoint.folder import DCP_METADATA, MANIFEST, META, previous_checkpoint
+from pretrain.checkpoint.folder import DCP_METADATA, MANIFEST, META, is_deepspeed_checkpoint, previous_checkpoint
 from pretrain.checkpoint.safe import read_dcp_metadata
 from pretrain.errors import CheckpointError
 from pretrain.files import atomic_write_text, file_sha256
@@ -108,7 +108,7 @@ def _manifest(path: Path) -> dict | None:
     if not path.is_dir():
         raise _Damaged("it is not a folder")
     meta = _read_json(path / META)
-    if not (path / DCP_METADATA).is_file():
+    if not (path / DCP_METADATA).is_file() and not is_deepspeed_checkpoint(path):
         raise _Damaged(f"{DCP_METADATA} is missing")
     if META_KEY not in meta and not (path / MANIFEST).exists():
         return None
@@ -151,7 +151,12 @@ def _check_digests(path: Path, files: dict, rank: int, world_size: int) -> None:
 
 def _check_extents(path: Path, files: dict | None) -> None:
     """Every byte range `.metadata` points to lies in a file of this checkpoint (the manifest's,
-    when there is one): catches truncated shards of old checkpoints, and paths out of the folder."""
+    when there is one): catches truncated shards of old checkpoints, and paths out of the folder.
+    A DeepSpeed engine's checkpoint has no such index: its sizes and digests are all there is."""
+    if is_deepspeed_checkpoint(path):
+        if files is None:
+            raise _Damaged(f"{MANIFEST} is missing")
+        return
     try:
         metadata = read_dcp_metadata(path / DCP_METADATA)
     except CheckpointError as err:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,16 +136,7 @@ class Checkpointer:
         `attachments` are folders copied into the checkpoint (e.g. the tokenizer), so a checkpoint
         folder alone is enough to sample from or convert.
         """
-        self.wait()
-        final = self.folder / checkpoint_name(step)
-        tmp = final.with_name(final.name + TMP)
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for name, source in (attachments or {}).items():
-                shutil.copytree(source, tmp / name)
-        _barrier()
-        meta = {**meta, "step": step, "saved_at": time.time(), META_KEY: MANIFEST}
+        final, tmp, meta = self._begin(step, meta, attachments)
         no_dist, rank = not dist.is_initialized(), _rank()
         if self.async_save:
             # Tensors are staged to memory before the future is returned; training may then
@@ -158,6 +150,29 @@ class Checkpointer:
             metadata = dcp.save(state, checkpoint_id=str(tmp), no_dist=no_dist)
         self._finalize(final, meta, digest_share(metadata, tmp, rank))
         return final
+
+    def save_with(self, step: int, write: Callable[[Path], None], meta: dict,
+                  attachments: dict[str, Path] | None = None) -> Path:
+        """`save` for state another library writes (the DeepSpeed engine's): `write(folder)` is called
+        on every rank to fill the temporary folder; then the same manifest, atomic rename and rotation."""
+        final, tmp, meta = self._begin(step, meta, attachments)
+        write(tmp)
+        _barrier()
+        self._finalize(final, meta, {})  # rank 0 hashes every file the writer left
+        return final
+
+    def _begin(self, step: int, meta: dict, attachments: dict[str, Path] | None) -> tuple[Path, Path, dict]:
+        """A fresh temporary folder for step `step` with the attachments in it (all ranks wait for it)."""
+        self.wait()
+        final = self.folder / checkpoint_name(step)
+        tmp = final.with_name(final.name + TMP)
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, source in (attachments or {}).items():
+                shutil.copytree(source, tmp / name)
+        _barrier()
+        return final, tmp, {**meta, "step": step, "saved_at": time.time(), META_KEY: MANIFEST}
 
     def poll(self) -> None:
         """Finish an asynchronous save once every rank's writes are done (call every step)."""

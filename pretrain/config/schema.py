@@ -63,7 +63,9 @@ class DataConfig:
     """Token shards and how they are streamed."""
 
     shards: str = "data/shakespeare/shards"
-    """Folder written by `proseco tokenizer shard` (manifest.json, train/ and val/ shards)."""
+    """Folder written by `proseco tokenizer shard` (manifest.json, train/ and val/ shards): a local
+    path or any URL fsspec reads (s3://, gs://, az://, https://, hf://); credentials come from the
+    environment (docs/data.md)."""
     global_batch_size: int = field(default=32, metadata={"ge": 1})
     """Sequences per optimizer step, summed over data-parallel ranks and accumulation steps."""
     micro_batch_size: int = field(default=32, metadata={"ge": 1})
@@ -78,6 +80,15 @@ class DataConfig:
     """Hash each shard before a process first reads it and compare with the manifest's sha256:
     altered bytes make the shard's samples invalid. Off skips the hash (one sequential read per
     shard and process); the per-sample header and vocabulary checks remain."""
+    prefetch: int = field(default=8, metadata={"ge": 0})
+    """Micro-batches each reading process (DataLoader worker) fetches ahead, each in its own thread:
+    hides the latency of a remote folder (memory: this many micro-batches of tokens per worker)."""
+    read_timeout_s: float = field(default=60.0, metadata={"gt": 0})
+    """Limit of one request to a remote folder (http and s3 clients)."""
+    read_retries: int = field(default=5, metadata={"ge": 0})
+    """Attempts after the first failed one for a remote read; the run stops with the URL named after the last."""
+    read_backoff_s: float = field(default=1.0, metadata={"ge": 0})
+    """Wait before the first retry, doubling with every further one (capped at 30 s)."""
 
 
 @dataclass
@@ -126,6 +137,10 @@ class TrainConfig:
     """A NaN/Inf loss or gradient never reaches the weights: stop the run, or skip the step."""
     max_skipped_steps: int = field(default=10, metadata={"ge": 1})
     """With on_nonfinite=skip, stop after this many consecutive skipped steps."""
+    stop_file: str | None = None
+    """A file whose appearance asks for a checkpoint and a clean exit (code 75), as a preemption
+    signal does: for launchers that cannot pass signals to every node (DeepSpeed's pdsh/ssh;
+    slurm/train-deepspeed.sbatch creates it when Slurm signals the job). Checked every step."""
     eval_every: int = field(default=200, metadata={"ge": 0})
     """Validate every this many steps (0: only at the end)."""
     eval_batches: int = field(default=8, metadata={"ge": 0})
@@ -185,6 +200,15 @@ class SamplingConfig:
     """Samples generated at once."""
     nucleus_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
     """Top-p applied to every distribution the sampler draws from (1.0 disables)."""
+    nucleus_cache: Literal["once", "official"] = "once"
+    """With nucleus_p < 1 and the cache: `once` filters every distribution once, also when a
+    step reuses the last forward; `official` filters the cached, already filtered probabilities
+    again at every reuse, as the official sampler does, which sharpens draws when T exceeds the
+    tokens to unmask (docs/method.md)."""
+    unmasking: Literal["posterior", "confidence"] = "posterior"
+    """Which masked positions a (non-block) step unmasks: `posterior`, MDLM's reverse process
+    (each independently with probability 1 - mc_s/mc_t); `confidence`, as many as the schedule
+    expects, those whose drawn token is most probable (LLaDA's low-confidence remasking)."""
     float64: bool = True
     """Sample from float64 probabilities (avoids the low-precision Gumbel bias)."""
     use_cache: bool = True
@@ -207,6 +231,9 @@ class SamplingConfig:
     """Semi-autoregressive blocks of this length with low-confidence unmasking (None: off)."""
     temperature: float = field(default=0.0, metadata={"ge": 0})
     """Block mode: 0 unmasks the argmax (greedy, as LLaDA's harness), > 0 samples at this temperature."""
+    early_eos_stop: bool = False
+    """Block mode: a sample whose finished block ends in EOS stops there, its remaining masks
+    filled with EOS and no further forwards spent (LLaDA's harness stops so; its NFEs count so)."""
     seed: int = field(default=0, metadata={"ge": 0})
     """Seed of the sampler's random draws."""
 

@@ -31,7 +31,7 @@ def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
 def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Every check that needs no process group; raises one ConfigError listing all problems."""
     problems = (_range_problems(cfg) + _model_problems(cfg) + _diffusion_problems(cfg)
-                + _layout_problems(cfg, world_size) + _sampling_problems(cfg))
+                + _layout_problems(cfg, world_size) + _engine_problems(cfg) + _sampling_problems(cfg))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -100,11 +100,36 @@ def _layout_problems(cfg: RunConfig, world_size: int) -> list[str]:
     return problems + p.microbatch_problems(data.global_batch_size // per_step)
 
 
+def _engine_problems(cfg: RunConfig) -> list[str]:
+    """What the DeepSpeed engine needs of the application's sections (the parallel library checks
+    the layout and the JSON itself)."""
+    if cfg.parallel.engine != "deepspeed":
+        return []
+    from parallel.deepspeed_engine import bf16_enabled, deepspeed_json_problems, read_deepspeed_json
+
+    if deepspeed_json_problems(cfg.parallel.deepspeed_config):
+        return []  # reported by ParallelConfig.problems
+    bf16 = bf16_enabled(read_deepspeed_json(cfg.parallel.deepspeed_config))
+    return _checks(
+        (not cfg.checkpoint.async_save,
+         "checkpoint.async_save is the native engine's (DCP); parallel.engine=deepspeed saves synchronously: set "
+         "checkpoint.async_save=false"),
+        (bf16 == (cfg.train.precision == "bf16"),
+         f"train.precision={cfg.train.precision} but {cfg.parallel.deepspeed_config} has bf16 "
+         f"{'enabled' if bf16 else 'disabled'}: set train.precision={'bf16' if bf16 else 'fp32'} or use a JSON "
+         "whose bf16 section matches"))
+
+
 def _sampling_problems(cfg: RunConfig) -> list[str]:
     s = cfg.sampling
     return _checks(
         (s.corrector_sampling != "select_top_k" or s.corrector_top_k > 0,
-         "sampling.corrector_sampling=select_top_k needs sampling.corrector_top_k > 0"))
+         "sampling.corrector_sampling=select_top_k needs sampling.corrector_top_k > 0"),
+        (not s.early_eos_stop or s.block_length is not None,
+         "sampling.early_eos_stop stops finished blocks: it needs sampling.block_length (or set it false)"),
+        (s.unmasking == "posterior" or s.block_length is None,
+         "sampling.unmasking=confidence is for the non-block sampler; block mode (sampling.block_length) always "
+         "unmasks by confidence: drop one of them"))
 
 
 def _run_dir_problems(run_dir: str) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 
 from parallel.ranges import field_problems
 from pretrain.checkpoint import dcp_load, read_dcp_metadata, read_meta, require_verified, resolve_checkpoint
-from pretrain.checkpoint.folder import DCP_METADATA
+from pretrain.checkpoint.folder import DCP_METADATA, is_deepspeed_checkpoint
 from pretrain.config import RunConfig, load_config_dict
 from pretrain.convert import hf_folder
 from pretrain.convert.layouts import PAPER, check_shapes, expected_shapes, from_folder, layout_of
@@ -167,6 +167,9 @@ def open_consolidated(file: Path, ema: bool) -> Source:
 def open_checkpoint(path: Path, ema: bool) -> Source:
     """A checkpoint (or the newest of a run folder), saved at any layout; checked before it is read."""
     path = resolve_checkpoint(path)
+    if is_deepspeed_checkpoint(path):
+        raise UserError(f"{path} is a DeepSpeed engine's checkpoint; convert it for model.init_from first: "
+                        f"`proseco checkpoint convert {path} --out NEW_RUN_DIR`, then pass NEW_RUN_DIR")
     meta = read_meta(path)
     run = _run_config(meta.get("config", {}), str(path / "meta.json"))
     key = "ema" if ema and meta.get("has_ema", False) else "model"

@@ -1,5 +1,10 @@
 """Streaming token batches from a shard folder, by global sample position, exactly resumable.
 
+The folder is a local path or a URL (s3://, gs://, az://, https://, hf://): every read is a byte
+range of one shard, and each reading process fetches the bytes of its next `prefetch` items ahead
+in threads (the schedule below says exactly which), so remote latency hides behind the training
+step; a failed request is retried and never changes which sample a position holds.
+
 The training stream is an infinite sequence of global positions P = 0, 1, 2, ... With N samples
 in the split, P is sample i = P % N of epoch e = P // N. Each epoch has its own seeded order: a
 permutation of the shards and, inside each shard, a rotation of its samples (the shards were
@@ -27,8 +32,21 @@ read time) are delivered in place, zeroed, with ``valid=False``, and counted; pa
 ``max_corrupt_fraction`` a `ShardError` names the shard and the fix.
 """
 
+from typing import Any
+
 from pretrain.data.loader import EvalLoader, TrainLoader, eval_batches
 from pretrain.data.order import EpochOrder
 from pretrain.data.shards import SplitShards, open_shards, open_split
+from tokenizer.storage import ReadPolicy
 
-__all__ = ["EpochOrder", "EvalLoader", "SplitShards", "TrainLoader", "eval_batches", "open_shards", "open_split"]
+
+def read_options(data: Any) -> dict[str, Any]:
+    """The loaders' keyword arguments for reading, from a run's data config (data.prefetch and
+    data.read_*): `TrainLoader(folder, ..., **read_options(cfg.data))`."""
+    return {"prefetch": data.prefetch,
+            "read_policy": ReadPolicy(timeout_s=data.read_timeout_s, retries=data.read_retries,
+                                      backoff_s=data.read_backoff_s)}
+
+
+__all__ = ["EpochOrder", "EvalLoader", "SplitShards", "TrainLoader", "eval_batches", "open_shards", "open_split",
+           "read_options"]

@@ -8,7 +8,9 @@ import logging
 import math
 import os
 import signal
+from collections import deque
 from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.data.order import EpochOrder
+from pretrain.data.order import EpochOrder, Piece
 from pretrain.data.shards import SampleReader, SplitShards, open_split
 from pretrain.errors import UserError
 from tokenizer.format import ShardError
+from tokenizer.storage import DEFAULT_POLICY, ReadPolicy
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_PREFETCH = 8
+"""Micro-batches each reading process fetches ahead (data.prefetch)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,36 +92,63 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, shards: SplitShards, order: EpochOrder, schedule: TrainSchedule | EvalSchedule,
-                 max_corrupt_fraction: float, limit: int | None = None, verify_digests: bool = True):
+                 max_corrupt_fraction: float, limit: int | None = None, verify_digests: bool = True,
+                 prefetch: int = 0):
         super().__init__()
         self.shards, self.order, self.schedule = shards, order, schedule
         self.max_corrupt_fraction, self.verify_digests = max_corrupt_fraction, verify_digests
         self.limit = limit
         """One-pass mode: positions >= limit are padding (valid=False), holding sample position % limit."""
+        self.prefetch = prefetch
+        """Items whose bytes each reading process fetches ahead, in as many threads (0: none)."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         worker_id, workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
         reader = SampleReader(self.shards, self.max_corrupt_fraction, self.verify_digests)
         total = self.schedule.num_items
-        k = worker_id
-        while total is None or k < total:
-            try:
-                item = self.make_item(reader, k)
-            except UserError as err:
-                if worker is None:
-                    raise
-                # From a worker, the DataLoader would re-raise it wrapped in the worker's traceback;
-                # sent as data, the training process raises it as it is (one line from the CLI).
-                yield {"error": err}
-                return
-            yield item
-            k += workers
+        ks = range(worker_id, total, workers) if total is not None else _count(worker_id, workers)
+        try:
+            for k, fetched in self._fetched(reader, iter(ks)):
+                yield self.make_item(reader, k, fetched)
+        except UserError as err:
+            if worker is None:
+                raise
+            # From a worker, the DataLoader would re-raise it wrapped in the worker's traceback;
+            # sent as data, the training process raises it as it is (one line from the CLI).
+            yield {"error": err}
 
-    def make_item(self, reader: SampleReader, k: int) -> dict[str, Any]:
+    def _fetched(self, reader: SampleReader, ks: Iterator[int]) -> Iterator[tuple[int, Any]]:
+        """(k, the bytes of item k) in the order of `ks`. The schedule says exactly which bytes come
+        next, so up to `prefetch` items are fetched ahead in threads: memory is bounded by
+        `prefetch` items, and a slow or retried request delays its item without reordering any."""
+        if self.prefetch == 0:
+            for k in ks:
+                yield k, reader.fetch(self._pieces(k))
+            return
+        pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="shard-fetch")
+        pending: deque[tuple[int, Future]] = deque()
+        try:
+            for k in ks:
+                pending.append((k, pool.submit(reader.fetch, self._pieces(k))))
+                if len(pending) > self.prefetch:
+                    k_next, future = pending.popleft()
+                    yield k_next, future.result()
+            while pending:
+                k_next, future = pending.popleft()
+                yield k_next, future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # a stopped stream does not wait for reads ahead
+
+    def _pieces(self, k: int) -> list[Piece]:
+        first = self.schedule.item(k)[0]
+        return self.order.pieces(first, first + self.schedule.micro_batch_size)
+
+    def make_item(self, reader: SampleReader, k: int, fetched: Any = None) -> dict[str, Any]:
         first, step, micro = self.schedule.item(k)
         mb = self.schedule.micro_batch_size
-        tokens, corrupt = reader.read(self.order.pieces(first, first + mb), mb)
+        pieces = self.order.pieces(first, first + mb)
+        tokens, corrupt = reader.assemble(pieces, mb, reader.fetch(pieces) if fetched is None else fetched)
         positions = np.arange(first, first + mb, dtype=np.int64)
         if self.limit is not None:
             real = positions < self.limit
@@ -126,6 +159,12 @@ class ShardStream(IterableDataset):
             valid = ~corrupt
         return {"tokens": tokens, "position": positions, "valid": valid, "step": step, "micro": micro,
                 "corrupt": int(corrupt.sum())}
+
+
+def _count(start: int, step: int) -> Iterator[int]:
+    while True:
+        yield start
+        start += step
 
 
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:
@@ -214,13 +253,15 @@ class TrainLoader:
     def __init__(self, folder: str | Path, *, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, num_workers: int = 1, seed: int = 0, shuffle: bool = True,
                  max_corrupt_fraction: float = 0.01, expected_tokenizer_sha256: str | None = None,
-                 split: str = "train", pin_memory: bool = False, verify_digests: bool = True):
-        _check_layout(micro_batch_size, dp_rank, dp_size, num_workers)
+                 split: str = "train", pin_memory: bool = False, verify_digests: bool = True,
+                 prefetch: int = DEFAULT_PREFETCH, read_policy: ReadPolicy = DEFAULT_POLICY):
+        _check_layout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch)
         if global_batch_size % (dp_size * micro_batch_size) or global_batch_size <= 0:
             raise ValueError(f"global_batch_size={global_batch_size} is not a positive multiple of dp_size x "
                              f"micro_batch_size = {dp_size} x {micro_batch_size}")
         self.manifest, self.shards = open_split(folder, split, expected_tokenizer_sha256=expected_tokenizer_sha256,
-                                                max_corrupt_fraction=max_corrupt_fraction)
+                                                max_corrupt_fraction=max_corrupt_fraction, policy=read_policy)
+        self.prefetch = prefetch
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.seed, self.shuffle, self.split = seed, shuffle, split
@@ -266,7 +307,7 @@ class TrainLoader:
         schedule = TrainSchedule(start=self._position, first_step=self._step, global_batch_size=self.global_batch_size,
                                  micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)
         stream = ShardStream(self.shards, EpochOrder(self.shards.counts, self.seed, self.shuffle), schedule,
-                             self.max_corrupt_fraction, verify_digests=self.verify_digests)
+                             self.max_corrupt_fraction, verify_digests=self.verify_digests, prefetch=self.prefetch)
         return self._consume(_items(stream, self.num_workers, self.pin_memory), self._generation)
 
     def _consume(self, items: Generator[dict[str, Any], None, None], generation: int) -> Iterator[dict[str, Any]]:
@@ -322,7 +363,9 @@ class TrainLoader:
         self._generation += 1
 
 
-def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int) -> None:
+def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int, prefetch: int) -> None:
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if not 0 <= dp_rank < dp_size:
@@ -347,10 +390,12 @@ class EvalLoader:
     def __init__(self, folder: str | Path, split: str = "val", *, micro_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, max_samples: int | None = None, num_workers: int = 0,
                  max_corrupt_fraction: float = 0.01, expected_tokenizer_sha256: str | None = None,
-                 pin_memory: bool = False, verify_digests: bool = True):
-        _check_layout(micro_batch_size, dp_rank, dp_size, num_workers)
+                 pin_memory: bool = False, verify_digests: bool = True, prefetch: int = DEFAULT_PREFETCH,
+                 read_policy: ReadPolicy = DEFAULT_POLICY):
+        _check_layout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch)
         self.manifest, self.shards = open_split(folder, split, expected_tokenizer_sha256=expected_tokenizer_sha256,
-                                                max_corrupt_fraction=max_corrupt_fraction)
+                                                max_corrupt_fraction=max_corrupt_fraction, policy=read_policy)
+        self.prefetch = prefetch
         self.verify_digests = verify_digests
         self.samples = self.shards.samples if max_samples is None else max(0, min(self.shards.samples, max_samples))
         self.num_batches = math.ceil(self.samples / (dp_size * micro_batch_size))
@@ -367,7 +412,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         order = EpochOrder(self.shards.counts, seed=0, shuffle=False)
         stream = ShardStream(self.shards, order, self.schedule, self.max_corrupt_fraction, limit=self.samples,
-                             verify_digests=self.verify_digests)
+                             verify_digests=self.verify_digests, prefetch=self.prefetch)
         items = _items(stream, self.num_workers, self.pin_memory)
         try:
             for item in items:
@@ -380,9 +425,10 @@ class EvalLoader:
 def eval_batches(folder: str | Path, split: str = "val", *, micro_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, max_samples: int | None = None, num_workers: int = 0,
                  max_corrupt_fraction: float = 0.01, expected_tokenizer_sha256: str | None = None,
-                 pin_memory: bool = False, verify_digests: bool = True) -> EvalLoader:
+                 pin_memory: bool = False, verify_digests: bool = True, prefetch: int = DEFAULT_PREFETCH,
+                 read_policy: ReadPolicy = DEFAULT_POLICY) -> EvalLoader:
     """The evaluation batches of one data-parallel rank (an iterable with len(); see `EvalLoader`)."""
     return EvalLoader(folder, split, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                       max_samples=max_samples, num_workers=num_workers, max_corrupt_fraction=max_corrupt_fraction,
                       expected_tokenizer_sha256=expected_tokenizer_sha256, pin_memory=pin_memory,
-                      verify_digests=verify_digests)
+                      verify_digests=verify_digests, prefetch=prefetch, read_policy=read_policy)

@@ -34,7 +34,7 @@ def read_steps(loader: TrainLoader, steps: int) -> tuple[list[list[int]], list[l
 
 
 def main() -> None:
-    folder, out = Path(sys.argv[1]), Path(sys.argv[2])
+    folder, out = sys.argv[1], Path(sys.argv[2])  # the folder may be a URL
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 

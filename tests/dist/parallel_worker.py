@@ -137,12 +137,13 @@ def resume_dump_and_train(out: str, overrides: list[str], env: DistEnv) -> None:
     trainer.run()
 
 
-def die_on_request() -> None:
-    """PROSECO_TEST_DIE=rank=R,step=S: rank R exits abruptly (code 17) before optimizer step S."""
+def die_on_request(trainer: type[Trainer] = Trainer) -> None:
+    """PROSECO_TEST_DIE=rank=R,step=S: rank R exits abruptly (code 17) before optimizer step S
+    (0-based: after S steps) of a `trainer` (the native Trainer, or an engine's subclass)."""
     spec = dict(item.split("=") for item in os.environ.get("PROSECO_TEST_DIE", "").split(",") if item)
     if not spec or int(os.environ["RANK"]) != int(spec["rank"]):
         return
-    original = Trainer._train_step
+    original = trainer._train_step
 
     def step(self, micro_batches):
         if self.state.step == int(spec["step"]):
@@ -152,13 +153,17 @@ def die_on_request() -> None:
             os._exit(17)
         return original(self, micro_batches)
 
-    Trainer._train_step = step
+    trainer._train_step = step
 
 
 def main() -> None:
     command, args = sys.argv[1], sys.argv[2:]
     if command == "train":
         die_on_request()
+        if "parallel.engine=deepspeed" in args:
+            from pretrain.engines.deepspeed import DeepSpeedTrainer
+
+            die_on_request(DeepSpeedTrainer)
         train(load_config(None, [*TINY, *args]))
         return
     env = init_distributed(detect_launch(), "cpu", 60.0)
