@@ -63,6 +63,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# The slow tests too (the experiment scripts end to end, the inductor compile): not in `make test`.
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m "slow or not slow"
 

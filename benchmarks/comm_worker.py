@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
+from torch.distributed.fsdp import FSDPModule
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallel.env import detect_launch, init_distributed
@@ -83,10 +84,12 @@ class CountCollectives(TorchDispatchMode):
 def analytic(trainer: Trainer, mode: str) -> dict[str, int]:
     """Payload bytes per rank of one optimizer step, from the shapes alone (fp32 activations,
     int64 token ids). Tensor parallelism: one all-reduce per row-wise output and per column-wise
-    input gradient, gathers of the modulation vectors, three [N] reductions per cross entropy,
-    two [t, N] gathers per argmax; with sequence parallelism each all-reduce of the stream becomes
-    a reduce-scatter plus an all-gather. Data parallelism (FSDP2): a parameter all-gather per
-    forward call and per backward, one gradient reduce-scatter per step (the ideal; see comm.py)."""
+    input gradient (per block the fused q/k/v and the MLP's first layer; the head's input),
+    gathers of the modulation vectors, three [N] reductions per cross entropy, two [t, N] gathers
+    per argmax; with sequence parallelism each all-reduce of the stream becomes a reduce-scatter
+    plus an all-gather. Data parallelism (FSDP2): each unit's parameters are gathered once per
+    forward call and once per backward graph (`fsdp_units`), and every gradient is reduced once
+    per step (a reduce-scatter, or with ddp an all-reduce), in both modes."""
     cfg, layout = trainer.cfg, trainer.layout
     b, A, L = cfg.data.micro_batch_size, trainer.accum, trainer.shape.seq_len
     D, C, N, t = cfg.model.d_model, cfg.model.cond_dim, cfg.model.n_layers, layout.tp
@@ -100,7 +103,7 @@ def analytic(trainer: Trainer, mode: str) -> dict[str, int]:
         total["all_gather"] += modulation
         if sp:
             total["reduce_scatter"] += (1 + 2 * N) * stream
-            total["all_gather"] += (4 * N + 1) * stream
+            total["all_gather"] += (2 * N + 1) * stream
         else:
             total["all_reduce"] += (1 + 2 * N) * stream
 
@@ -110,11 +113,11 @@ def analytic(trainer: Trainer, mode: str) -> dict[str, int]:
         stream = n * L * D * 4
         total["all_reduce"] += (N + 1) * n * C * 4
         if sp:
-            total["reduce_scatter"] += (4 * N + 1) * stream
+            total["reduce_scatter"] += (2 * N + 1) * stream
             total["all_gather"] += (2 * N + 1) * stream
             total["all_reduce"] += n * (N * 6 * D + 2 * D) * 4  # modulation gradients (the sequence-slice hook)
         else:
-            total["all_reduce"] += (4 * N + 1) * stream
+            total["all_reduce"] += (2 * N + 1) * stream
 
     def loss_terms(n: int) -> None:  # cross entropy of both halves; argmax for y and for the metric
         if t > 1:
@@ -130,15 +133,29 @@ def analytic(trainer: Trainer, mode: str) -> dict[str, int]:
     if sp:
         total["all_reduce"] += (2 * N + 1) * D * 4  # norm weight gradients, summed once per step
     if layout.dp > 1:
-        # The bytes FSDP2 gathers for one rank: every parameter's tensor-parallel shard, whole.
-        param_bytes = sum(p.to_local().numel() * p.element_size() for p in trainer.parts[0].parameters()) * layout.dp
-        calls = 4 if mode == "reuse" else 3  # forwards + backward graphs per micro-batch
+        root, blocks = fsdp_units(trainer.parts[0], layout.dp)
         if cfg.parallel.data_parallel == "ddp":
-            total["all_reduce"] += param_bytes // layout.dp  # replicated: the local tensors are whole
+            total["all_reduce"] += (root + blocks) // layout.dp  # each gradient once, the local tensors whole
         else:
-            total["all_gather"] += A * calls * param_bytes
-            total["reduce_scatter"] += param_bytes
+            # Per micro-batch, two_pass: pass 1, pass 2 and its backward. reuse: two forwards and
+            # two backward graphs; the root unit (embedding, head) stays gathered from the first
+            # backward graph to the end of the step (its inputs, token ids, need no gradient, so
+            # FSDP2 reshards it in its final callback), the blocks are resharded in between.
+            gathered = 2 * (root + blocks) + 2 * blocks + root if mode == "reuse" else 3 * (root + blocks)
+            total["all_gather"] += A * gathered
+            total["reduce_scatter"] += root + blocks  # each unsharded gradient once
     return dict(total)
+
+
+def fsdp_units(model: torch.nn.Module, dp: int) -> tuple[int, int]:
+    """Bytes of the root FSDP unit's own parameters (embedding, head) and of the units inside it
+    (the blocks): every parameter's tensor-parallel shard, whole (its local part times dp under
+    fsdp; under ddp the local part is whole and the figures are dp times too large)."""
+    inner = {id(p) for unit in model.modules() if unit is not model and isinstance(unit, FSDPModule)
+             for p in unit.parameters()}
+    sizes = {id(p): p.to_local().numel() * p.element_size() * dp for p in model.parameters()}
+    blocks = sum(size for key, size in sizes.items() if key in inner)
+    return sum(sizes.values()) - blocks, blocks
 
 
 def main() -> None:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.stats import quartiles
 
 CONFIG = "configs/owt-proseco.yaml"
 VOCAB, SEQ_LEN = 50258, 1024  # GPT-2 BPE + [MASK], as the paper's OWT run
@@ -105,7 +106,7 @@ def _paired(root: Path, operation: str, source: Path, bare_source: Path) -> list
 
 def _spread(values: list[float]) -> tuple[float, float, float]:
     """Median and interquartile range."""
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    q1, median, q3 = quartiles(values)
     return median, q1, q3
 
 

@@ -4,9 +4,11 @@ docs/benchmarks.md.
     python -m benchmarks.run                 all benchmarks
     python -m benchmarks.run step sampler    only these (other figures in the JSON are kept)
 
-Each module has `run() -> list[{"name", "value", "unit", "what"}]`. docs/benchmarks.json is a flat
-object name -> number, so runs can be compared with any JSON diff; docs/benchmarks.md holds the
-same figures with their units and what exactly was measured.
+Each module has `run() -> list[{"name", "value", "unit", "what"}]`; one that has nothing to
+measure here returns no rows and says why (`official` needs OFFICIAL_PROSECO, a checkout of the
+official code: see benchmarks/official.py), and its figures from earlier runs stay.
+docs/benchmarks.json is a flat object name -> number, so runs can be compared with any JSON diff;
+docs/benchmarks.md holds the same figures with their units and what exactly was measured.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-MODULES = ["loader", "streaming", "sharding", "step", "sampler", "comm", "pipeline", "checkpoint", "convert",
-           "faults", "zero"]
+MODULES = ["loader", "streaming", "sharding", "step", "gemm_count", "official", "compile", "sampler", "comm", "pipeline",
+           "checkpoint", "convert", "faults", "zero", "memory"]
 DOCS = Path("docs")
 
 

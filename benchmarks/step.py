@@ -1,27 +1,34 @@
 """Cost of the ProSeCo step against the MDLM step, side by side in one process.
 
-For the default model (configs/shakespeare.yaml: 4 x 256, vocab 2048, L=128) and the same
+For the default model (configs/shakespeare.yaml: 4 x 256, vocab 128, L=128) and the same
 micro-batch, times forward+backward of: MDLM (one pass), ProSeCo reuse (the official cost: two
-passes with gradient) and ProSeCo two-pass (a no-grad pass, then one graded pass of both
-halves). Rounds interleave the three so that machine noise hits them alike; medians are
-reported. Also: activation memory (bytes saved for backward, exact and device independent),
-FLOPs per step from the formula (checked against torch's FlopCounterMode in tests/test_model.py).
+passes with gradient), ProSeCo two-pass (a no-grad pass, then one graded pass of both halves)
+and MDLM at twice the batch. Every ratio is the median of per-round ratios from paired rounds
+whose order alternates (benchmarks/stats.py), reported with its interquartile range; rounds are
+added until every IQR is within 5 % of its median or a time budget ends, and a figure whose
+spread stays wider says so in its row. Also: activation memory (bytes saved for backward, exact
+and device independent), FLOPs per step from the formula (checked against torch's
+FlopCounterMode in tests/test_model.py).
 
 Floors: 2.0 for reuse (twice the tokens through forward and backward), 7/3 = 2.33 for two-pass
 (plus one forward). On a CPU whose per-token cost grows with the batch (caches), MDLM at twice
 the batch is reported too: it is what reuse actually competes with.
 
-    python -m benchmarks.step
+    python -m benchmarks.step [--min-rounds 16] [--max-rounds 100] [--budget-s 300] [--threshold 0.05]
+
+Under `make bench` (no flags) the environment sets the same: BENCH_MIN_ROUNDS, BENCH_MAX_ROUNDS,
+BENCH_BUDGET_S, and BENCH_WARMUP for the untimed rounds (benchmarks/official.py reads them too).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from benchmarks.stats import TOO_WIDE, Rounds, add_round_arguments, paired_rounds, ratio_row, setting
 from parallel.runner import LocalRunner
 from pretrain.config import DiffusionConfig, load_config
 from pretrain.models import ModelShape
@@ -30,7 +37,21 @@ from pretrain.step import Objective, forward_backward
 
 CONFIG = "configs/shakespeare.yaml"
 VOCAB, SEQ_LEN = 128, 128  # the default char model: ~70 characters, padded to a multiple of 64
-ROUNDS = 7
+MIN_ROUNDS = setting("BENCH_MIN_ROUNDS", 16)
+MAX_ROUNDS = setting("BENCH_MAX_ROUNDS", 100)
+BUDGET_S = setting("BENCH_BUDGET_S", 300.0)
+WARMUP = setting("BENCH_WARMUP", 2)  # untimed rounds first
+# (row name, numerator case, denominator case, what it is)
+RATIOS = [
+    ("proseco_over_mdlm_reuse", "reuse", "mdlm",
+     "step time ProSeCo reuse / MDLM at equal batch; floor 2.0, target <= 2.05"),
+    ("proseco_over_mdlm_two_pass", "two_pass", "mdlm",
+     "step time ProSeCo two-pass / MDLM at equal batch; floor 2.33, target <= 2.40"),
+    ("proseco_reuse_over_mdlm_2x_batch", "reuse", "mdlm_2x_batch",
+     "step time ProSeCo reuse / MDLM at twice the batch (same tokens through the network)"),
+    ("mdlm_2x_batch_over_mdlm", "mdlm_2x_batch", "mdlm",
+     "step time MDLM at twice the batch / MDLM (2.0 when the per-token cost does not depend on the batch)"),
+]
 
 
 def _batch(size: int, seed: int = 0) -> dict:
@@ -63,7 +84,25 @@ def _saved_bytes(model, batch, objective, mode) -> int:
     return sum(seen.values())
 
 
-def run() -> list[dict]:
+def _cases(model, micro: int) -> dict[str, tuple[dict, Objective, str]]:
+    return {
+        "mdlm": (_batch(micro), _objective(False, micro), "reuse"),
+        "mdlm_2x_batch": (_batch(2 * micro), _objective(False, 2 * micro), "reuse"),
+        "reuse": (_batch(micro), _objective(True, micro), "reuse"),
+        "two_pass": (_batch(micro), _objective(True, micro), "two_pass"),
+    }
+
+
+def measure(model, cases: dict, min_rounds: int, max_rounds: int, budget_s: float, threshold: float,
+            warmup: int = WARMUP) -> Rounds:
+    """Paired, alternating rounds of every case until the ratios of RATIOS are within `threshold`."""
+    steps = {name: (lambda case=case: _step(model, *case)) for name, case in cases.items()}
+    return paired_rounds(steps, [(a, b) for _, a, b, _ in RATIOS], min_rounds=min_rounds, max_rounds=max_rounds,
+                         budget_s=budget_s, threshold=threshold, warmup=warmup)
+
+
+def run(min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, budget_s: float = BUDGET_S,
+        threshold: float = TOO_WIDE) -> list[dict]:
     cfg = load_config(CONFIG)
     torch.manual_seed(0)
     model = DiT(cfg.model, ModelShape(VOCAB, SEQ_LEN))
@@ -71,38 +110,22 @@ def run() -> list[dict]:
         for p in model.parameters():
             p.normal_(0, 0.02)
     micro = cfg.data.micro_batch_size
-    cases = {
-        "mdlm": (_batch(micro), _objective(False, micro), "reuse"),
-        "mdlm_2x_batch": (_batch(2 * micro), _objective(False, 2 * micro), "reuse"),
-        "reuse": (_batch(micro), _objective(True, micro), "reuse"),
-        "two_pass": (_batch(micro), _objective(True, micro), "two_pass"),
-    }
-    for batch, objective, mode in cases.values():  # warm-up
-        _step(model, batch, objective, mode)
-    times = {name: [] for name in cases}
-    for _ in range(ROUNDS):
-        for name, (batch, objective, mode) in cases.items():
-            start = time.perf_counter()
-            _step(model, batch, objective, mode)
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    cases = _cases(model, micro)
+    rounds = measure(model, cases, min_rounds, max_rounds, budget_s, threshold)
+    median = {name: statistics.median(values) for name, values in rounds.times.items()}
     memory = {name: _saved_bytes(model, *cases[name]) for name in ("mdlm", "reuse", "two_pass")}
     flops = forward_flops_per_sequence(cfg.model, ModelShape(VOCAB, SEQ_LEN)) * micro
     setup = (f"{cfg.model.n_layers} x {cfg.model.d_model} DiT, vocab {VOCAB}, L={SEQ_LEN}, micro-batch {micro}, fp32, "
-             f"{torch.get_num_threads()} threads, median of {ROUNDS} interleaved rounds")
+             f"{torch.get_num_threads()} threads, {rounds.describe()}, order alternated every round")
     tokens = micro * SEQ_LEN
-    return [
-        {"name": "proseco_over_mdlm_reuse", "value": round(median["reuse"] / median["mdlm"], 3), "unit": "ratio",
-         "what": f"step time ProSeCo reuse / MDLM at equal batch; floor 2.0, target <= 2.05; {setup}"},
-        {"name": "proseco_over_mdlm_two_pass", "value": round(median["two_pass"] / median["mdlm"], 3), "unit": "ratio",
-         "what": f"step time ProSeCo two-pass / MDLM at equal batch; floor 2.33, target <= 2.40; {setup}"},
-        {"name": "proseco_reuse_over_mdlm_2x_batch", "value": round(median["reuse"] / median["mdlm_2x_batch"], 3),
-         "unit": "ratio", "what": f"step time ProSeCo reuse / MDLM at twice the batch (same tokens through the "
-                                  f"network); {setup}"},
+    rows = [ratio_row(name, rounds.spread(a, b), what, threshold=threshold) for name, a, b, what in RATIOS]
+    for row in rows:
+        row["what"] += f"; {setup}"
+    return rows + [
         {"name": "train_tokens_per_s_proseco_reuse", "value": round(tokens / median["reuse"]), "unit": "tokens/s",
-         "what": f"data tokens per second of the ProSeCo reuse step; {setup}"},
+         "what": f"data tokens per second of the ProSeCo reuse step, median; {setup}"},
         {"name": "train_tokens_per_s_mdlm", "value": round(tokens / median["mdlm"]), "unit": "tokens/s",
-         "what": f"data tokens per second of the MDLM step; {setup}"},
+         "what": f"data tokens per second of the MDLM step, median; {setup}"},
         {"name": "activation_mb_mdlm", "value": round(memory["mdlm"] / 2**20, 1), "unit": "MiB",
          "what": f"bytes saved for backward by the MDLM step; {setup}"},
         {"name": "activation_over_mdlm_reuse", "value": round(memory["reuse"] / memory["mdlm"], 3), "unit": "ratio",
@@ -112,9 +135,16 @@ def run() -> list[dict]:
         {"name": "train_flops_per_step_reuse", "value": 6 * flops, "unit": "FLOPs",
          "what": f"formula FLOPs of one ProSeCo reuse micro-batch (2 x forward+backward); {setup}"},
         {"name": "train_tflops_per_s_reuse", "value": round(6 * flops / median["reuse"] / 1e12, 4), "unit": "TFLOP/s",
-         "what": f"achieved model FLOP/s of the reuse step on this machine; {setup}"},
+         "what": f"achieved model FLOP/s of the reuse step on this machine, median; {setup}"},
     ]
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_round_arguments(parser, MIN_ROUNDS, MAX_ROUNDS, BUDGET_S)
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.min_rounds, args.max_rounds, args.budget_s, args.threshold), indent=2))
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2))
+    main()

@@ -9,7 +9,9 @@ with added latency against local files, and sharding a Parquet corpus per core.
   rounds (median and IQR of the ratios): raw (the loader as fast as it goes) and paced (a 2 ms
   step per micro-batch, what prefetch must hide). It also counts the requests per read.
 - Sharding: `proseco tokenizer shard` (pack, L=1024, a 4,096-piece BPE) on a generated Parquet
-  corpus, 1 and 2 worker processes, interleaved rounds; tokens/s and tokens/s per worker.
+  corpus of 1 GiB of text (PROSECO_BENCH_PARQUET_MB to change it), 1 and 2 worker processes, interleaved
+  rounds; tokens/s, tokens/s per worker, the 2/1 speedup, and the share of the time the main
+  process spends reading (what more workers cannot shorten).
 
     python -m benchmarks.streaming            prints the figures as JSON
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.stats import quartiles
 from pretrain.data import TrainLoader
 from pretrain.data.shards import _remote_sha256_cached, _sha256_cached
 from tokenizer.format import FORMAT_V2, Geometry, Manifest, ShardInfo, SplitInfo, shard_bytes, write_manifest
@@ -42,12 +45,8 @@ ROUNDS = 3
 HTTP_SEQ_LEN, HTTP_SHARDS, HTTP_MICRO, HTTP_ITEMS, WARM_ITEMS = 1024, 16, 8, 1000, 20
 HTTP_WORKERS, HTTP_PREFETCH = 1, 64
 STEP_S = 0.002
-PARQUET_MB, SHARD_ROUNDS = 32, 3
-
-
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, median, q3
+PARQUET_MB = int(os.environ.get("PROSECO_BENCH_PARQUET_MB", 1024))  # the issue's >= 1 GB; smaller for a quick look
+SHARD_ROUNDS = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +213,7 @@ def http_latency(root: Path) -> list[dict]:
                      local_rates[mode])), "unit": "tokens/s",
                      "what": f"the local-files baseline of the ratios below, median, {consumer}; {setup}"})
         for delay in LATENCIES_MS:
-            q1, median, q3 = _quartiles(ratios[mode, delay])
+            q1, median, q3 = quartiles(ratios[mode, delay])
             rows.append({"name": f"loader_http_over_local_{mode}_{delay}ms", "value": round(median, 3),
                          "unit": "ratio", "what": f"tokens/s over HTTP with {delay} ms added per request / local "
                          f"files, median (IQR {q1:.3f}-{q3:.3f}), {consumer}; {setup}"
@@ -249,6 +248,18 @@ def write_parquet(path: Path, megabytes: int) -> int:
     return chars
 
 
+def _read_seconds(corpus: str) -> float:
+    """Time the main process of a sharding run spends reading documents alone (both splits, as
+    run_task reads them): the serial part that more workers cannot shorten."""
+    from tokenizer.corpora import SPLITS, iter_documents
+
+    start = time.perf_counter()
+    for split in SPLITS:
+        for _ in iter_documents(corpus, split, val_fraction=0.001):
+            pass
+    return time.perf_counter() - start
+
+
 def sharding(root: Path) -> list[dict]:
     from tokenizer.shard import shard_corpus
     from tokenizer.train import train_tokenizer
@@ -257,28 +268,38 @@ def sharding(root: Path) -> list[dict]:
     chars = write_parquet(corpus, PARQUET_MB)
     size = corpus.stat().st_size
     tokenizer = train_tokenizer(str(corpus), "bpe", root / "tok", 4096, max_train_chars=20 << 20)
-    rates: dict[int, list[float]] = {1: [], 2: []}
+    seconds: dict[int, list[float]] = {1: [], 2: []}
     tokens = 0
     for round_index in range(SHARD_ROUNDS):
-        for workers in rates:
+        order = list(seconds) if round_index % 2 == 0 else list(seconds)[::-1]
+        for workers in order:
             out = root / f"out-{workers}-{round_index}"
             start = time.perf_counter()
             manifest = shard_corpus(str(corpus), tokenizer.folder, 1024, out, workers=workers, val_fraction=0.001)
-            elapsed = time.perf_counter() - start
+            seconds[workers].append(time.perf_counter() - start)
             tokens = manifest.stats["train_tokens"] + manifest.stats["val_tokens"]
-            rates[workers].append(tokens / elapsed)
             for path in out.rglob("*.tar"):
                 path.unlink()
+    read_share = _read_seconds(str(corpus)) / statistics.median(seconds[1])
     setup = (f"`proseco tokenizer shard` (read, tokenize, pack, shuffle, write v2, hash) of a Parquet corpus of "
-             f"{size / 1e6:.0f} MB ({chars / 1e6:.0f} M characters, {tokens / 1e6:.1f} M tokens), BPE 4096, "
-             f"L=1024 pack, {SHARD_ROUNDS} interleaved rounds on {os.cpu_count()} shared cores")
+             f"{size / 1e6:,.0f} MB ({chars / 1e6:,.0f} M characters, {tokens / 1e6:,.1f} M tokens), BPE 4096, "
+             f"L=1024 pack, {SHARD_ROUNDS} interleaved rounds (order alternated) on {os.cpu_count()} cores")
     rows = []
-    for workers, values in rates.items():
-        q1, median, q3 = _quartiles(values)
+    for workers, values in seconds.items():
+        q1, median, q3 = quartiles([tokens / s for s in values])
         rows.append({"name": f"sharding_parquet_tokens_per_s_{workers}_workers", "value": round(median),
                      "unit": "tokens/s", "what": f"median (IQR {q1:,.0f}-{q3:,.0f}); {setup}"})
         rows.append({"name": f"sharding_parquet_tokens_per_s_per_core_{workers}_workers",
-                     "value": round(median / workers), "unit": "tokens/s", "what": f"the above / {workers}"})
+                     "value": round(median / workers), "unit": "tokens/s",
+                     "what": f"the above / {workers} (the main process, which reads and writes, runs beside them)"})
+    speedups = [one / two for one, two in zip(seconds[1], seconds[2])]
+    q1, median, q3 = quartiles(speedups)
+    rows.append({"name": "sharding_parquet_speedup_2_over_1_workers", "value": round(median, 3), "unit": "ratio",
+                 "what": f"1-worker time / 2-worker time per round, median (IQR {q1:.3f}-{q3:.3f}); {setup}"})
+    rows.append({"name": "sharding_parquet_read_share", "value": round(read_share, 3), "unit": "ratio",
+                 "what": "time to read the documents alone (both splits, in the main process) / a 1-worker run: "
+                         "the serial part, with the chunk finishing, that caps what more workers per task give "
+                         f"(run more tasks, --num-tasks, beyond); {setup}"})
     return rows
 
 

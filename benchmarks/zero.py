@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.stats import quartiles
 from tests.helpers import ROOT, TORCH_EXTENSIONS, launch_env, make_word_shards, torchrun
 
 ROUNDS = 3
@@ -37,7 +38,7 @@ ZERO2 = ["parallel.engine=deepspeed", f"parallel.deepspeed_config={ROOT / 'confi
 
 
 def _median_iqr(values: list[float]) -> tuple[float, float, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    q1, median, q3 = quartiles(values)
     return median, q1, q3
 
 

@@ -37,6 +37,10 @@ class ParallelConfig:
     """Blocks per stage (its length is pp * pp_virtual_stages); None balances automatically."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
+    compile: bool = False
+    """torch.compile each block in place (after activation checkpointing, before FSDP); parameter
+    names and checkpoints are unchanged. Inductor needs a C++ compiler; the first step pays the
+    compile time (benchmarks/compile.py). Needs tp=1; dp, pp and DeepSpeed ZeRO-1/2 combine with it."""
     param_dtype: Literal["fp32", "bf16"] = "fp32"
     """FSDP parameter dtype during compute; gradients are always reduced in fp32."""
     timeout_s: float = field(default=600.0, metadata={"gt": 0})
@@ -78,13 +82,15 @@ class ParallelConfig:
              f"parallel.dp * tp * pp = {self.dp * model_parallel} but {world_size} processes were launched; "
              "set parallel.dp=-1 to infer it or launch that many")
         found += self._pipeline_problems(num_layers)
+        if self.compile:
+            found += self._compile_problems()
         if self.engine == "deepspeed":
             found += self._deepspeed_problems()
         return found
 
     def _deepspeed_problems(self) -> list[str]:
         """What DeepSpeed ZeRO cannot do here: it shards over data-parallel ranks only."""
-        from parallel.deepspeed_engine import deepspeed_json_problems
+        from parallel.deepspeed_engine import deepspeed_json_problems, read_deepspeed_json, zero_stage
 
         found = []
         if self.tp > 1 or self.pp > 1:
@@ -97,7 +103,27 @@ class ParallelConfig:
         if self.param_dtype != "fp32":
             found.append("parallel.param_dtype is FSDP's; with parallel.engine=deepspeed precision comes from the "
                          "DeepSpeed JSON's bf16 section: keep parallel.param_dtype=fp32")
-        return found + deepspeed_json_problems(self.deepspeed_config)
+        json_problems = deepspeed_json_problems(self.deepspeed_config)
+        if self.compile and not json_problems and zero_stage(read_deepspeed_json(self.deepspeed_config)) == 3:
+            # Measured: dynamo traces into the hooks that gather each block's partitioned parameters,
+            # recompiles at every call until its limit and then runs them eagerly.
+            found.append(f"parallel.compile does not combine with ZeRO-3 (parallel.deepspeed_config="
+                         f"{self.deepspeed_config}): its parameter-gathering hooks recompile the blocks at every "
+                         "call; set parallel.compile=false, or use a ZeRO-1/2 JSON such as "
+                         "configs/deepspeed/zero2.json")
+        return found + json_problems
+
+    def _compile_problems(self) -> list[str]:
+        """What compiled blocks cannot be combined with yet, and whether this machine can compile."""
+        from parallel.compile import compile_problems
+
+        found = []
+        if self.tp > 1:
+            # Dynamo's graphs of the DTensor-sharded blocks fail in backward (a DTensor redistribute
+            # meets a plain tensor); data and pipeline parallelism wrap the compiled blocks unchanged.
+            found.append(f"parallel.compile does not combine with tensor parallelism yet (parallel.tp={self.tp}): "
+                         "set parallel.compile=false, or parallel.tp=1 (data and pipeline parallelism work with it)")
+        return found + compile_problems()
 
     def _pipeline_problems(self, num_layers: int) -> list[str]:
         stages = self.num_stages

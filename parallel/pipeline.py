@@ -64,7 +64,8 @@ class PipelineRunner:
         self.loss_fn: Callable | None = None
 
     def _schedule(self, training: bool, rows: int, microbatches: int):
-        key = (training, rows, microbatches)
+        # A stage fixes its output's shape at its first step: logits and final features differ.
+        key = (training, rows, microbatches, tuple(getattr(part, "emit_features", False) for part in self.parts))
         if key not in self._schedules:
             stages = [PipelineStage(part, sid, self.num_stages, self.device, group=self.group)
                       for part, sid in zip(self.parts, self.ids)]

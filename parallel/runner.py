@@ -25,6 +25,9 @@ class LocalRunner:
         self.parts = [model]
 
     def forward(self, *inputs: torch.Tensor):
+        """One more forward of the model, from inside a loss function: its graph joins the backward
+        of the micro-batch in progress, and data parallelism still reduces each gradient once
+        there (parallel/data_parallel.py, `_JoinedBackward`)."""
         return self.model(*inputs)
 
     def run(self, inputs: tuple[torch.Tensor, ...], microbatches: int, rows: int, loss_fn: LossFn,

@@ -5,6 +5,8 @@
 - Vocabulary-parallel operations on logits sharded over the (padded) vocabulary: bias, argmax and
   cross entropy (loss parallel), exact without gathering the logits; each also takes a plain
   tensor (one process, or tp = 1).
+- The output projection applied to chunks of tokens (`gather_head_input`, `project_vocab`), for
+  losses that never hold the logits of all tokens at once; vocabulary-parallel under tp.
 
 The per-module plans (which layer is column- or row-wise) live beside each model family
 (pretrain/models/<family>/parallelize.py), not here.
@@ -15,8 +17,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 
 class _AllReduceGradient(torch.autograd.Function):
@@ -139,3 +142,49 @@ def vocab_cross_entropy(scores: torch.Tensor, target: torch.Tensor) -> torch.Ten
     local, offset, mesh = _vocab_shard(scores)
     nll = _VocabParallelCrossEntropy.apply(local.flatten(0, -2), target.flatten(), offset, mesh.get_group())
     return nll.view(target.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output projection, chunk by chunk: logits = features @ W^T + b for some tokens at a time.
+
+
+def gather_head_input(features: torch.Tensor, head: nn.Linear, sequence_sharded: bool) -> torch.Tensor:
+    """The input of the output projection `head`, whole on this rank, as a plain tensor.
+
+    Without tensor parallelism this is `features`. With the head's weight sharded over the
+    vocabulary (rows, a DTensor), every rank multiplies all tokens by its rows: the features are
+    gathered along the sequence when sequence-parallel (dim 1 of [B, L, d]); in backward each
+    rank's gradient is a partial sum over its vocabulary slice, so it is summed over the group
+    (reduce-scatter, or all-reduce for replicated features), what the column-wise plan's input
+    layout does for the whole-logits head.
+    """
+    weight = head.weight
+    if not isinstance(weight, DTensor):
+        return features
+    mesh = weight.device_mesh
+    stream = DTensor.from_local(features, mesh, [Shard(1) if sequence_sharded else Replicate()], run_check=False)
+    return stream.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+
+def project_vocab(features: torch.Tensor, head: nn.Linear, bias: torch.Tensor) -> torch.Tensor:
+    """fp32 logits head(features) + bias[V] of some tokens ([N, d] -> [N, V]), sharded over the
+    vocabulary (a DTensor, Shard(-1)) when the head's weight is (`features` from gather_head_input).
+
+    `bias` (e.g. -inf at ids that can never be predicted) is folded into the head's own bias, so
+    the logits are written once, not once more by an out-of-place add. The one exception is a
+    head whose weight is not materialised outside its forward (DeepSpeed ZeRO-3 partitions it):
+    that one is called as a module, so its engine gathers the weight, and the bias is added after.
+    """
+    weight = head.weight
+    if isinstance(weight, DTensor):
+        local = weight.to_local()
+        offset = weight.device_mesh.get_local_rank() * local.shape[0]  # even split (the vocabulary is padded)
+        shift = bias[offset: offset + local.shape[0]]
+        own = head.bias.to_local() if head.bias is not None else None
+        folded = shift.to(local.dtype) if own is None else own + shift.to(own.dtype)
+        logits = F.linear(features, local, folded).float()
+        return DTensor.from_local(logits, weight.device_mesh, [Shard(logits.ndim - 1)], run_check=False)
+    if weight.numel() == 0:
+        return add_vocab_bias(head(features).float(), bias)
+    folded = bias.to(weight.dtype) if head.bias is None else head.bias + bias.to(head.bias.dtype)
+    return F.linear(features, weight, folded).float()

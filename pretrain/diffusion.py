@@ -78,10 +78,16 @@ def mask_tokens(x0: torch.Tensor, move_chance: torch.Tensor, mask_id: int, seed:
 def suppress_logits(logits: torch.Tensor, mask_id: int, vocab_size: int) -> torch.Tensor:
     """The mask token and the padding rows past the real vocabulary can never be predicted.
     Works on a vocabulary-sharded DTensor too (tensor parallelism)."""
-    bias = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+    return add_vocab_bias(logits, suppression_bias(logits.shape[-1], mask_id, vocab_size, logits.device))
+
+
+def suppression_bias(rows: int, mask_id: int, vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """What `suppress_logits` adds to logits over `rows` (padded) vocabulary ids: NEG_INF at the
+    mask and the padding, 0 elsewhere (fp32)."""
+    bias = torch.zeros(rows, dtype=torch.float32, device=device)
     bias[mask_id] = NEG_INF
     bias[vocab_size:] = NEG_INF
-    return add_vocab_bias(logits, bias)
+    return bias
 
 
 @dataclass
@@ -112,17 +118,26 @@ def corrector_input(scores: torch.Tensor, noised: Noised, cfg: DiffusionConfig, 
     position (corrector_input=all, the released runs: no carry-over, so even unmasked tokens may
     change) or only at masked positions with the clean tokens elsewhere (corrector_input=masked).
     """
+    token_index = torch.arange(scores.shape[1], device=noised.x0.device)
+    return draw_corrector_input(scores, noised.x0, noised.zt, positions[:, None], token_index[None, :], cfg,
+                                mask_id, seed)
+
+
+def draw_corrector_input(scores: torch.Tensor, x0: torch.Tensor, zt: torch.Tensor, sample_position: torch.Tensor,
+                         token_index: torch.Tensor, cfg: DiffusionConfig, mask_id: int, seed: int) -> torch.Tensor:
+    """`corrector_input` for scores [..., V] of any set of tokens: x0 and zt shaped like the tokens,
+    each token's sample position and index in its sequence broadcasting to them (the keys of the
+    sampling noise, so a chunk of tokens draws exactly what the whole batch draws there)."""
     with torch.no_grad():
         scores = scores.detach()
         if cfg.corrector_prior == "sample":
             # Gumbel-max keyed by the global vocabulary id: the same draw on any tensor-parallel split.
-            token_index = torch.arange(scores.shape[1], device=noised.x0.device)
-            noise = keyed_gumbel(seed, STREAM_CORRECTOR_SAMPLE, positions[:, None, None], token_index[None, :, None],
+            noise = keyed_gumbel(seed, STREAM_CORRECTOR_SAMPLE, sample_position[..., None], token_index[..., None],
                                  vocab_index(scores))
             scores = with_local(scores, local_scores(scores) + noise)
         prediction = vocab_argmax(scores)
         if cfg.corrector_input == "masked":
-            prediction = torch.where(noised.zt == mask_id, prediction, noised.x0)
+            prediction = torch.where(zt == mask_id, prediction, x0)
         return prediction
 
 
@@ -145,7 +160,11 @@ class Losses:
 
 def mdlm_losses(scores_zt: torch.Tensor, noised: Noised, mask_id: int) -> torch.Tensor:
     """Per-token MDLM loss: weight * -log p(x0 | z_t) at masked positions, 0 elsewhere."""
-    nll = token_nll(scores_zt, noised.x0)
+    return mdlm_from_nll(token_nll(scores_zt, noised.x0), noised, mask_id)
+
+
+def mdlm_from_nll(nll: torch.Tensor, noised: Noised, mask_id: int) -> torch.Tensor:
+    """`mdlm_losses` from -log p(x0 | z_t) per token [B, L]."""
     masked = (noised.zt == mask_id).float()
     return noised.weight[:, None] * nll * masked * noised.token_mask
 
@@ -158,24 +177,35 @@ def proseco_losses(scores_zt: torch.Tensor, scores_y: torch.Tensor | None, y: to
     With scores_y None (before corrector_training_start_step, or corrector_training off) this is
     plain MDLM, unscaled by mdlm_loss_weight, as the official fall-through branch.
     """
-    mdlm = mdlm_losses(scores_zt, noised, mask_id)
+    nll_zt = token_nll(scores_zt, noised.x0)
     if scores_y is None:
+        return losses_from_terms(nll_zt, None, None, None, noised, cfg, mask_id)
+    with torch.no_grad():
+        argmax_y = vocab_argmax(scores_y.detach())
+    return losses_from_terms(nll_zt, token_nll(scores_y, noised.x0), argmax_y, y, noised, cfg, mask_id)
+
+
+def losses_from_terms(nll_zt: torch.Tensor, nll_y: torch.Tensor | None, argmax_y: torch.Tensor | None,
+                      y: torch.Tensor | None, noised: Noised, cfg: DiffusionConfig, mask_id: int) -> Losses:
+    """`proseco_losses` from what the logits give per token [B, L]: -log p(x0) under each pass and
+    the corrector's argmax. The chunked loss (pretrain/step.py), which never holds all logits at
+    once, computes these chunk by chunk and meets the whole-logits path here."""
+    mdlm = mdlm_from_nll(nll_zt, noised, mask_id)
+    if nll_y is None:
         zeros = torch.zeros_like(mdlm)
         return Losses(total=mdlm, mdlm=mdlm, corrector=zeros, corrector_input_errors=zeros,
                       corrector_output_errors=zeros)
-    nll = token_nll(scores_y, noised.x0)
     weight = noised.weight[:, None] if cfg.weighted_corrector_loss else torch.ones_like(noised.weight)[:, None]
     wrong_input = (y != noised.x0)
     if cfg.corrector_errors_upweighted:
         # Log-loss where the input is wrong, minus the probability where it is already right:
         # correct positions get the cross-entropy gradient scaled by p (App. C.3 of the paper).
-        per_token = torch.where(wrong_input, nll, -torch.exp(-nll))
+        per_token = torch.where(wrong_input, nll_y, -torch.exp(-nll_y))
     else:
-        per_token = nll
+        per_token = nll_y
     corrector = weight * per_token * noised.token_mask
     total = cfg.mdlm_loss_weight * mdlm + cfg.corrector_loss_weight * corrector
-    with torch.no_grad():
-        output_wrong = vocab_argmax(scores_y.detach()) != noised.x0
+    output_wrong = argmax_y != noised.x0
     return Losses(total=total, mdlm=mdlm, corrector=corrector,
                   corrector_input_errors=wrong_input.float() * noised.token_mask,
                   corrector_output_errors=output_wrong.float() * noised.token_mask)

@@ -17,13 +17,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+PARTIAL_MARK = ".tmp-"
+"""In the name of a file being written by `atomic_path` (left behind only by a killed process)."""
+
+
+def remove_partials(folder: str | os.PathLike, prefix: str) -> int:
+    """Delete what killed writers left in `folder`: files named `prefix`*, marked as partial.
+    Only for names no live process is writing (e.g. a sharding task's own chunks); returns the count."""
+    removed = 0
+    for path in Path(folder).glob(f"{prefix}*{PARTIAL_MARK}*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary sibling of `path` to write to: renamed over `path` when the block succeeds,
     removed when it raises. The caller writes it (any way: open, gzip, a library's save)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = path.with_name(f"{path.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from parallel.data_parallel import reshard_parameters
 from pretrain.config import OptimConfig
 
 
@@ -86,6 +87,10 @@ class EMA:
     @torch.no_grad()
     def swap(self) -> None:
         """Exchange the parts' weights with the EMA's (call twice to swap back)."""
+        for part in self.parts:
+            # After a no-grad forward, ddp and fsdp_no_reshard units still hold gathered full
+            # tensors where the shadow mirrors their shards: back to the shards first.
+            reshard_parameters(part)
         for name, p in self._named_parameters():
             tmp = p.detach().clone()
             p.copy_(self.shadow[name])

@@ -179,6 +179,20 @@ def ks_distance(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.abs(cdf_a - cdf_b).max())
 
 
+def property_of(smiles: str, name: str) -> float:
+    """One property of PROPERTIES of one molecule (only that one is computed); nan when invalid."""
+    mol = _parse(smiles)
+    if mol is None:
+        return math.nan
+    if name == "qed":
+        return float(_rdkit()[1].qed(mol))
+    if name == "sa":
+        return float(_sascorer().calculateScore(mol))
+    if name == "ring_count":
+        return float(mol.GetRingInfo().NumRings())
+    raise ValueError(f"unknown property {name!r}: one of {PROPERTIES}")
+
+
 def property_values(smiles: Iterable[str]) -> dict[str, list[float]]:
     """QED, SA and ring count of every valid molecule among `smiles` (duplicates included): the
     held-out reference that samples' property distributions are compared with."""
@@ -238,16 +252,22 @@ def smiles_metrics(samples: list[str], training_set: set[str] | None = None, *, 
     return result
 
 
+def require_fcd() -> ModuleType:
+    """The optional ``fcd`` package, or an ImportError that says how to install it."""
+    try:
+        import fcd
+    except ImportError as err:
+        raise ImportError("the FCD needs the fcd package: pip install -e .[eval] (or pip install fcd)") from err
+    return fcd
+
+
 def fcd_score(samples: Sequence[str], reference: Sequence[str]) -> float:
     """Frechet ChemNet Distance between the valid canonical samples and the valid canonical reference.
 
     Needs the optional ``fcd`` package (ChemNet weights ship in its wheel). Biased upwards below a
     few thousand molecules per side, so compare only scores computed at equal sample counts.
     """
-    try:
-        import fcd
-    except ImportError as err:
-        raise ImportError("fcd_score needs the fcd package: pip install fcd") from err
+    fcd = require_fcd()
     # ChemNet only embeds molecules: invalid samples are dropped, as validity already counts them.
     samples_canonical = [c for c in map(canonical_smiles, samples) if c is not None]
     reference_canonical = [c for c in map(canonical_smiles, reference) if c is not None]

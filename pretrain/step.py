@@ -13,15 +13,27 @@ when dropout is off:
   Pass 1 costs one extra forward: 7 units of work against reuse's 6 and MDLM's 3.
 
 Every rank computes the masks itself (keyed randomness), so only y and activations travel.
+
+The logits are never held whole (diffusion.loss_chunk_tokens > 0, the default): the model's last
+stage returns its final features, and each pass's loss terms (-log p(x0) per token, pass 1's y,
+the corrector's argmax) are computed `loss_chunk_tokens` tokens at a time, the output projection
+fused in (and vocabulary-parallel under tensor parallelism), each chunk under activation
+checkpointing so that backward recomputes its logits instead of keeping them. Losses are per
+token and the sampling noise is keyed by global position, so chunks give the whole-logits
+results (the same argmaxes and draws, losses and gradients to fp32 rounding).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from parallel.tensor import gather_head_input, project_vocab, vocab_argmax
 from pretrain.config import DiffusionConfig
 from pretrain.diffusion import (
     Losses,
@@ -29,8 +41,11 @@ from pretrain.diffusion import (
     NoiseSchedule,
     add_noise,
     corrector_input,
-    proseco_losses,
+    draw_corrector_input,
+    losses_from_terms,
     suppress_logits,
+    suppression_bias,
+    token_nll,
 )
 
 
@@ -65,9 +80,110 @@ class Objective:
     def corrector_input(self, scores_zt: torch.Tensor, noised: Noised, positions: torch.Tensor) -> torch.Tensor:
         return corrector_input(scores_zt, noised, self.cfg, self.mask_id, self.seed, positions)
 
-    def losses(self, scores_zt: torch.Tensor, scores_y: torch.Tensor | None, y: torch.Tensor | None,
-               noised: Noised) -> Losses:
-        return proseco_losses(scores_zt, scores_y, y, noised, self.cfg, self.mask_id)
+    def terms(self, output: torch.Tensor, head: OutputHead | None, noised: Noised, positions: torch.Tensor, *,
+              nll: bool = True, then: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What one pass over a micro-batch gives the loss, each [B, L]: -log p(x0) per token (with
+        `nll`) and, without gradient, `then`: "draw" the corrector input y, or the "argmax".
+
+        `output` is the model's logits, or with `head` (the output projection) its final features,
+        which are then projected `cfg.loss_chunk_tokens` tokens at a time (`_chunked_terms`).
+        """
+        if head is None:
+            scores = self.scores(output)
+            extra = (self.corrector_input(scores, noised, positions) if then == "draw"
+                     else vocab_argmax(scores.detach()) if then == "argmax" else None)
+            return (token_nll(scores, noised.x0) if nll else None), extra
+        return self._chunked_terms(output, head(), noised, positions, nll, then)
+
+    def _chunked_terms(self, features: torch.Tensor, head: nn.Linear, noised: Noised, positions: torch.Tensor,
+                       nll: bool, then: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        rows, length = noised.x0.shape
+        # Under sequence parallelism a rank holds a slice of each sequence; the projection needs them whole.
+        whole = gather_head_input(features, head, sequence_sharded=features.shape[1] != length)
+        bias = suppression_bias(head.out_features, self.mask_id, self.vocab_size, features.device)
+        x0, zt = noised.x0.reshape(-1), noised.zt.reshape(-1)
+        sample_position = positions[:, None].expand(rows, length).reshape(-1)
+        token_index = torch.arange(length, device=x0.device)[None].expand(rows, length).reshape(-1)
+        size = self.cfg.loss_chunk_tokens
+
+        def chunk_terms(chunk: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+            scores = project_vocab(chunk, head, bias)
+            part = slice(start, start + chunk.shape[0])
+            out = (token_nll(scores, x0[part]),) if nll else ()
+            # After the loss: checkpoint's recomputation stops once the cross entropy has saved its
+            # tensors again, so backward never redoes the argmax (or the draw) below.
+            if then == "draw":
+                out += (draw_corrector_input(scores, x0[part], zt[part], sample_position[part], token_index[part],
+                                             self.cfg, self.mask_id, self.seed),)
+            elif then == "argmax":
+                out += (vocab_argmax(scores.detach()),)
+            return out
+
+        recompute = nll and torch.is_grad_enabled() and whole.requires_grad
+        results = []
+        # split, not slicing: its backward assembles the chunks' gradients in one concatenation.
+        for index, chunk in enumerate(whole.reshape(rows * length, -1).split(size)):
+            if recompute:
+                results.append(checkpoint(chunk_terms, chunk, index * size, use_reentrant=False,
+                                          preserve_rng_state=False))  # no randomness but keyed noise
+            else:
+                results.append(chunk_terms(chunk, index * size))
+        columns = [torch.cat(column).view(rows, length) for column in zip(*results)]
+        nll_out = columns.pop(0) if nll else None
+        return nll_out, (columns[0] if then is not None else None)
+
+    def joint(self, terms_zt, terms_y, y: torch.Tensor | None, noised: Noised) -> Losses:
+        """The loss terms of both passes, from `terms` (terms_y None: plain MDLM)."""
+        nll_y, argmax_y = terms_y if terms_y is not None else (None, None)
+        return losses_from_terms(terms_zt[0], nll_y, argmax_y, y, noised, self.cfg, self.mask_id)
+
+
+class OutputHead:
+    """The output projection of the model part that holds it, for the chunked loss."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner, self.linear = owner, owner.output_head
+        self.gathered = False
+
+    def __call__(self) -> nn.Linear:
+        """The projection with whole parameters. FSDP2 (fully_shard, an `unshard` method) frees
+        its root unit's parameters after forward; unshard() gathers them until its post-backward
+        reshards them (`release` after a step without backward)."""
+        if hasattr(self.owner, "unshard"):
+            self.owner.unshard()
+            self.gathered = True
+        return self.linear
+
+    def release(self) -> None:
+        if self.gathered:
+            self.owner.reshard()
+            self.gathered = False
+
+
+def output_head(runner, objective: Objective) -> tuple[bool, OutputHead | None]:
+    """Whether the step computes its loss from features chunk by chunk (loss_chunk_tokens > 0 and
+    a model that can return them), and the output projection this rank holds (None on stages
+    without the output layer, where no loss is computed)."""
+    if objective.cfg.loss_chunk_tokens == 0 or not all(hasattr(part, "emit_features") for part in runner.parts):
+        return False, None
+    owners = [part for part in runner.parts if part.output_head is not None]
+    return True, (OutputHead(owners[0]) if owners else None)
+
+
+@contextmanager
+def emitting_features(parts: list[nn.Module], enabled: bool) -> Iterator[None]:
+    """The models return their final features instead of logits inside the block (when enabled)."""
+    if not enabled:
+        yield
+        return
+    before = [part.emit_features for part in parts]
+    for part in parts:
+        part.emit_features = True
+    try:
+        yield
+    finally:
+        for part, value in zip(parts, before):
+            part.emit_features = value
 
 
 @dataclass
@@ -136,33 +252,38 @@ def forward_backward(runner, batches: list[dict], objective: Objective, step: in
         return total * backward_scale if training else total.detach()
 
     zt, sigma = torch.cat([n.zt for n in noised]), torch.cat([n.sigma for n in noised])
-    with autocast if autocast is not None else nullcontext():
+    chunked, head = output_head(runner, objective)
+    with autocast if autocast is not None else nullcontext(), emitting_features(runner.parts, chunked):
         if not objective.corrector_active(step):
             def plain(output: torch.Tensor, m: int) -> torch.Tensor:
-                return finish(m, objective.losses(objective.scores(output), None, None, noised[m]))
+                terms = objective.terms(output, head, noised[m], positions[m])
+                return finish(m, objective.joint(terms, None, None, noised[m]))
 
             runner.run((zt, sigma), count, rows, plain, training)
         elif mode == "reuse":
             def reuse(output: torch.Tensor, m: int) -> torch.Tensor:
-                scores_zt = objective.scores(output)
-                y = objective.corrector_input(scores_zt, noised[m], positions[m])
+                terms_zt = objective.terms(output, head, noised[m], positions[m], then="draw")
+                y = terms_zt[1]
                 # The corrector pass sees the same sigma (zeroed anyway without time conditioning).
-                scores_y = objective.scores(runner.forward(y, noised[m].sigma))
-                return finish(m, objective.losses(scores_zt, scores_y, y, noised[m]))
+                output_y = runner.forward(y, noised[m].sigma)
+                terms_y = objective.terms(output_y, head, noised[m], positions[m], then="argmax")
+                return finish(m, objective.joint(terms_zt, terms_y, y, noised[m]))
 
             runner.run((zt, sigma), count, rows, reuse, training)
         elif mode == "two_pass":
-            _two_pass(runner, noised, positions, objective, finish, training)
+            _two_pass(runner, noised, positions, objective, head, finish, training)
         else:
             raise ValueError(f"unknown step mode {mode!r}: use reuse or two_pass")
+    if head is not None:
+        head.release()
     total = StepMetrics.zeros(device)
     for value in metrics.values():
         total = total + value
     return StepMetrics.from_tensor(runner.broadcast_from_last(total.as_tensor()))
 
 
-def _two_pass(runner, noised: list[Noised], positions: list[torch.Tensor], objective: Objective, finish,
-              training: bool) -> None:
+def _two_pass(runner, noised: list[Noised], positions: list[torch.Tensor], objective: Objective,
+              head: OutputHead | None, finish, training: bool) -> None:
     """Pass 1, forward only on z_t, takes y on the last stage (vocabulary-parallel argmax under
     tensor parallelism) and sends it to every stage; pass 2 runs the micro-batches [z_t; y] with
     the joint loss."""
@@ -171,7 +292,7 @@ def _two_pass(runner, noised: list[Noised], positions: list[torch.Tensor], objec
     ys: list[torch.Tensor | None] = [None] * count
 
     def first_pass(output: torch.Tensor, m: int) -> torch.Tensor:
-        ys[m] = objective.corrector_input(objective.scores(output), noised[m], positions[m])
+        ys[m] = objective.terms(output, head, noised[m], positions[m], nll=False, then="draw")[1]
         return torch.zeros((), device=output.device)
 
     runner.run((zt, torch.cat([n.sigma for n in noised])), count, rows, first_pass, training=False)
@@ -181,7 +302,9 @@ def _two_pass(runner, noised: list[Noised], positions: list[torch.Tensor], objec
     sigma = torch.cat([torch.cat([n.sigma, n.sigma]) for n in noised])
 
     def second_pass(output: torch.Tensor, m: int) -> torch.Tensor:
-        scores_zt, scores_y = objective.scores(output).chunk(2)
-        return finish(m, objective.losses(scores_zt, scores_y, ys[m], noised[m]))
+        output_zt, output_y = output.chunk(2)
+        terms_zt = objective.terms(output_zt, head, noised[m], positions[m])
+        terms_y = objective.terms(output_y, head, noised[m], positions[m], then="argmax")
+        return finish(m, objective.joint(terms_zt, terms_y, ys[m], noised[m]))
 
     runner.run((tokens, sigma), count, 2 * rows, second_pass, training)

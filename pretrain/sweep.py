@@ -32,7 +32,7 @@ from pretrain.scoring import build_scorer
 # Quality columns of the table and the plot, in order; the CSV keeps every metric.
 # Each table leads with a metric that a sampler collapsed onto a few tokens cannot win: valid,
 # unique (and novel) molecules per sample; the bigram divergence from held-out text.
-SMILES_COLUMNS = ("vun", "validity", "uniqueness", "novelty", "qed_mean", "ks_qed", "ks_sa")
+SMILES_COLUMNS = ("vun", "validity", "uniqueness", "novelty", "qed_mean", "ks_qed", "ks_sa", "fcd")
 TEXT_COLUMNS = ("bigram_js", "trigram_perplexity", "trigram_oov_rate", "unigram_entropy", "distinct_2",
                 "repetition_rate")
 NFE_COLUMNS = ("nfe_denoiser", "nfe_corrector", "nfe_total")
@@ -86,7 +86,8 @@ def nfe_summary(result: SampleResult) -> dict[str, float]:
 def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: int, *, batch_size: int | None = None,
              seed: int = 0, label: str | None = None, device: str | torch.device = "cpu",
              sampling_overrides: dict | None = None, shards: str | Path | None = None, novelty: bool = True,
-             samples_dir: str | Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
+             samples_dir: str | Path | None = None, log: Callable[[str], None] = print,
+             fcd: bool = False) -> list[dict]:
     """Sample and score every grid point with one checkpoint (EMA weights); one row per point.
 
     Every point uses the same seed, so differences between rows come from the setting, not from
@@ -98,7 +99,7 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
     path = resolve_checkpoint(checkpoint)
     model, cfg, tokenizer = load_model(path, device)
     label = label or cfg.name
-    scorer = build_scorer(cfg, tokenizer, run_folder(path), shards, novelty, log)
+    scorer = build_scorer(cfg, tokenizer, run_folder(path), shards, novelty, log, fcd=fcd)
     train_step = int(read_meta(path)["step"])
     rows = []
     for point in points:
@@ -219,14 +220,16 @@ def summary_markdown(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(rows: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
-    """Each quality column against mean total NFE (log scale), one line per model x (S, omega)."""
+def plot_sweep(rows: Sequence[dict], path: str | Path, title: str | None = None,
+               columns: Sequence[str] | None = None) -> Path:
+    """Each quality column (default: the table's) against mean total NFE (log scale), one line per
+    model x (S, omega)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = quality_columns(rows)
+    columns = list(columns or quality_columns(rows))
     lines: dict[tuple, list[dict]] = {}
     for row in rows:
         lines.setdefault((row["model"], row["corrector_steps"], row["corrector_every"]), []).append(row)

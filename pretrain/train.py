@@ -29,6 +29,7 @@ from parallel.rng import seed_dropout
 from parallel.runner import LocalRunner
 from pretrain.checkpoint import Checkpointer, app_state, latest_checkpoint, load_app_state, read_meta, step_folders
 from pretrain.checkpoint.folder import is_deepspeed_checkpoint
+from pretrain.checkpoint.inference import refuse_resume_if_renamed
 from pretrain.config import RunConfig, check_machine, grad_accum_steps, save_config, to_dict, validate
 from pretrain.convert.hf_import import IMPORTED_KEY
 from pretrain.convert.layouts import resize_vocab
@@ -276,6 +277,7 @@ class Trainer:
                                   "parallel.engine=deepspeed, or convert it for this engine: "
                                   f"`proseco checkpoint convert {path} --out NEW_RUN_DIR`")
         state = app_state(self.parts, self.optimizers.optimizers, self.ema.shadow if self.ema else None)
+        refuse_resume_if_renamed(path, list(state["model"]), lambda s: self.family.upgrade_state(s, self.cfg.model))
         try:
             meta = self.checkpointer.load(path, state, verify=None)  # verified just now
         except (RuntimeError, ValueError) as err:

@@ -167,8 +167,9 @@ def test_the_paper_layout_holds_the_released_keys_and_config(run, tmp_path):
     tensors = load_file(tmp_path / "paper" / hf_folder.SAFETENSORS)
     vocab = tokenizer.vocab_size
     assert set(tensors) == set(official_state(vocab, torch.Generator().manual_seed(0)))
-    qkv = tensors["backbone.blocks.2.attn_qkv.weight"]
-    assert torch.equal(qkv, torch.cat([ours[f"blocks.2.attn_{x}.weight"] for x in "qkv"]))
+    qkv = tensors["backbone.blocks.2.attn_qkv.weight"]  # ours: rows [H, 3, hd]; the paper's: [3, H, hd]
+    head_major = ours["blocks.2.attn_qkv.weight"].view(HEADS, 3, D // HEADS, D)
+    assert torch.equal(qkv, head_major.transpose(0, 1).reshape(3 * D, D))
     assert torch.equal(tensors["backbone.vocab_embed.embedding"], ours["vocab_embed.weight"][:vocab])
     config = json.loads((tmp_path / "paper" / "config.json").read_text())
     assert {k: config[k] for k in ("model_type", "vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks",
@@ -213,10 +214,10 @@ def test_the_modeling_file_imports_only_torch_and_transformers():
 # -- import of the released layout ----------------------------------------------------------------
 
 def test_a_released_layout_folder_imports_exactly_with_the_gpt2_tokenizer(tmp_path):
-    """A pytorch_model.bin in the released layout, vocabulary 50258: the split q, k, v are the rows
-    of attn_qkv, every weight is bit for bit, the vocabulary is padded with zeros to a multiple of
-    64, the tokenizer is GPT-2's with the mask at 50257, and the logits are those transformers
-    computes from the released layout."""
+    """A pytorch_model.bin in the released layout, vocabulary 50258: each head's q, k, v rows of our
+    head-major attn_qkv are those rows of the released [q; k; v], every weight is bit for bit, the
+    vocabulary is padded with zeros to a multiple of 64, the tokenizer is GPT-2's with the mask at
+    50257, and the logits are those transformers computes from the released layout."""
     state = write_official_folder(tmp_path / "released", vocab=50258, pickled=True)
     imported = import_folder(tmp_path / "released", tmp_path / "run", kind="gpt2")
     model, cfg, tokenizer = load_model(imported.run_dir)
@@ -226,7 +227,9 @@ def test_a_released_layout_folder_imports_exactly_with_the_gpt2_tokenizer(tmp_pa
     assert torch.equal(ours["vocab_embed.weight"][:50258], state["backbone.vocab_embed.embedding"])
     for i in range(LAYERS):
         q, k, v = state[f"backbone.blocks.{i}.attn_qkv.weight"].split(D)
-        assert all(torch.equal(ours[f"blocks.{i}.attn_{x}.weight"], w) for x, w in zip("qkv", (q, k, v)))
+        head_major = ours[f"blocks.{i}.attn_qkv.weight"].view(HEADS, 3, D // HEADS, D)
+        for j, w in enumerate((q, k, v)):
+            assert torch.equal(head_major[:, j].reshape(D, D), w)
     assert torch.equal(ours["output_layer.linear.bias"][:50258], state["backbone.output_layer.linear.bias"])
     assert cfg.model.dropout == 0.1 and cfg.model.seq_len == 16
     tokens = torch.randint(0, 50258, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -424,3 +427,66 @@ def test_proseco_fine_tuning_of_an_mdlm_checkpoint(shards, tmp_path):
     # The same weights, batch and masks: the MDLM term is identical, the corrector inputs are not.
     assert first_step["all"]["mdlm_nelbo"] == first_step["masked"]["mdlm_nelbo"]
     assert first_step["masked"]["corrector_input_error"] < first_step["all"]["corrector_input_error"]
+
+
+# -- checkpoints written before q, k, v were fused ------------------------------------------------
+
+def split_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The names and tensors of the earlier code: each block's head-major attn_qkv (under any
+    prefix) as the three projections attn_q, attn_k, attn_v it holds the rows of."""
+    out = {}
+    for name, tensor in state.items():
+        if not name.endswith("attn_qkv.weight"):
+            out[name] = tensor
+            continue
+        for x, part in zip("qkv", tensor.view(HEADS, 3, D // HEADS, D).unbind(1)):
+            out[name.replace("attn_qkv", f"attn_{x}")] = part.reshape(D, D).clone()
+    return out
+
+
+def test_checkpoints_with_the_earlier_split_names_still_load(run, shards, tmp_path):
+    """A DCP checkpoint, a consolidated file and an export holding attn_q/attn_k/attn_v (what the
+    earlier code wrote) load as today's head-major attn_qkv, bit for bit, by every reader
+    (load_model, consolidate, export, import, model.init_from); resuming one names the way out."""
+    from safetensors import safe_open
+
+    from pretrain.checkpoint import Checkpointer, read_dcp_metadata, require_verified
+
+    path = run / "checkpoints" / "step_00000002"
+    ema, raw = parameters(load_model(run)[0]), parameters(load_model(run, use_ema=False)[0])
+    meta = read_meta(path)
+    old = Checkpointer(tmp_path / "old" / "checkpoints").save(
+        2, {"model": split_qkv(raw), "ema": split_qkv(ema)},
+        {k: meta[k] for k in ("config", "has_ema", "step", "ema_num_updates", "tokens_seen", "world_size")},
+        {"tokenizer": path / "tokenizer"})
+    require_verified(old, "digest", collective=False)
+    stored = read_dcp_metadata(old / ".metadata").state_dict_metadata
+    assert "model.blocks.0.attn_q.weight" in stored and "model.blocks.0.attn_qkv.weight" not in stored
+
+    def same(weights, expected):
+        assert weights.keys() == expected.keys() and all(torch.equal(weights[n], expected[n]) for n in expected)
+
+    for use_ema, expected in ((True, ema), (False, raw)):
+        same(parameters(load_model(old, use_ema=use_ema)[0]), expected)
+        same(open_source(old, ema=use_ema).load(), expected)
+    full = load_file(consolidate(old, tmp_path / "full.safetensors"))
+    same({n: full[n] for n in raw}, raw)
+    same({n: full["ema." + n] for n in ema}, ema)
+    legacy_file = tmp_path / "legacy.safetensors"  # a file consolidated by the earlier code
+    with safe_open(str(tmp_path / "full.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file(split_qkv(full), str(legacy_file), metadata=metadata)
+    same(open_source(legacy_file).load(), ema)
+    same(open_source(legacy_file, ema=False).load(), raw)
+
+    export_checkpoint(old, tmp_path / "hf")
+    same(parameters(load_model(import_folder(tmp_path / "hf", tmp_path / "imported").run_dir)[0]), ema)
+    folder = tmp_path / "hf"  # an export by the earlier code: the same folder with the split names
+    save_file(split_qkv(load_file(folder / hf_folder.SAFETENSORS)), str(folder / hf_folder.SAFETENSORS),
+              metadata={"format": "pt"})
+    same(open_source(folder).load(), ema)
+    same(parameters(load_model(import_folder(folder, tmp_path / "imported-old").run_dir)[0]), ema)
+
+    cfg = load_config(None, overrides(shards, tmp_path / "resume", f"checkpoint.resume={old}"))
+    with pytest.raises(CheckpointError, match=r"earlier version .*attn_qkv.* model.init_from="):
+        train(cfg)

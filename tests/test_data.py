@@ -556,3 +556,56 @@ def test_torchrun_two_ranks_two_workers_and_single_process_resume(tmp_path: Path
     resumed, _ = global_batches(folder, steps - config["resume_step"], dp=1, mb=4, gbs=config["gbs"], state=state,
                                 seed=config["seed"])
     assert resumed == batches[config["resume_step"]:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning labels (data.labels)
+
+
+def write_labels(folder: Path, name: str = "mod3", fingerprint: str | None = None) -> None:
+    """A label set whose class is the sample's index in its split (manifest order) mod 3."""
+    import io
+
+    from pretrain.data.labels import label_files
+    from tokenizer.format import read_manifest
+
+    manifest = read_manifest(folder)
+    info_path, _ = label_files(name, "train")
+    (folder / info_path).parent.mkdir(parents=True)
+    (folder / info_path).write_text(json.dumps({"num_classes": 3, "fingerprint": fingerprint or manifest.fingerprint}))
+    for split, info in manifest.splits.items():
+        buffer = io.BytesIO()
+        np.save(buffer, (np.arange(info.samples) % 3).astype(np.uint8))
+        (folder / label_files(name, split)[1]).write_bytes(buffer.getvalue())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_labels_travel_with_their_samples_on_every_layout_and_resume(folder: Path, workers: int) -> None:
+    write_labels(folder)
+    for dp in (1, 2):
+        for rank in range(dp):
+            loader = TrainLoader(folder, global_batch_size=8, micro_batch_size=2, dp_rank=rank, dp_size=dp,
+                                 num_workers=workers, labels="mod3")
+            items = [item for step in take(loader, 7) for item in step]  # past the end of an epoch
+            state = loader.state_dict()
+            for item in items:
+                assert item["label"].dtype == torch.int64
+                assert item["label"].tolist() == [i % 3 for i in decode(item["tokens"])]
+            resumed = TrainLoader(folder, global_batch_size=8, micro_batch_size=2, dp_rank=rank, dp_size=dp,
+                                  num_workers=workers, labels="mod3")
+            resumed.load_state_dict(state)
+            item = next(iter(resumed))
+            assert item["label"].tolist() == [i % 3 for i in decode(item["tokens"])]
+    for item in eval_batches(folder, micro_batch_size=4, dp_size=2, dp_rank=1, num_workers=workers, labels="mod3"):
+        assert item["label"].tolist() == [(i - VAL_BASE) % 3 for i in decode(item["tokens"])]
+
+
+def test_missing_or_foreign_labels_are_refused_with_the_fix(folder: Path) -> None:
+    from pretrain.data.labels import LabelError
+
+    with pytest.raises(LabelError, match="proseco label"):
+        TrainLoader(folder, global_batch_size=8, micro_batch_size=2, labels="qed")
+    write_labels(folder, "old", fingerprint="made-from-other-shards")
+    with pytest.raises(LabelError, match="computed from other shards.*--overwrite"):
+        TrainLoader(folder, global_batch_size=8, micro_batch_size=2, labels="old")
+    assert "label" not in next(iter(TrainLoader(folder, global_batch_size=8, micro_batch_size=2)))

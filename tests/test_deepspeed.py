@@ -119,10 +119,14 @@ def test_killed_deepspeed_run_resumes_and_moves_between_engines(shards, tmp_path
     torchrun(2, WORKER, "runs", str(spec))
     assert_same_losses(losses(killed), expected, {1, 2, 3, 4}, 1e-5)
     assert_same_losses(losses(from_native), expected, {3, 4}, 1e-5)
-    for run in (killed, from_native):  # validation with the EMA weights, on the same samples
+    # Validation with the EMA weights, on the same samples. ZeRO-2 resumes its own run bit for bit;
+    # ZeRO-3 after the native engine agrees to 3e-5 (measured 1.1e-5 with the chunked loss, 2.5e-6
+    # with whole logits): its reduction sums the head's per-chunk gradients in another order, and
+    # Adam at lr 1e-5 turns such last-digit differences of near-zero gradients into lr-sized steps.
+    for run, tol in ((killed, 1e-5), (from_native, 3e-5)):
         got, want = last_val(run), last_val(reference)
-        assert got["tokens"] == want["tokens"] and abs(got["mdlm_nelbo"] - want["mdlm_nelbo"]) <= 1e-5 * want[
-            "mdlm_nelbo"] and abs(got["corrector_nll"] - want["corrector_nll"]) <= 1e-5 * want["corrector_nll"], (
+        assert got["tokens"] == want["tokens"] and abs(got["mdlm_nelbo"] - want["mdlm_nelbo"]) <= tol * want[
+            "mdlm_nelbo"] and abs(got["corrector_nll"] - want["corrector_nll"]) <= tol * want["corrector_nll"], (
             run.name, got, want)
 
     train(load_config(None, [*TINY, *run_overrides(shards, native)]))  # one process: dp 2 -> 1

@@ -11,11 +11,13 @@ from pretrain.diffusion import (
     Noised,
     NoiseSchedule,
     corrector_input,
+    draw_corrector_input,
     loss_weight,
     mask_tokens,
     proseco_losses,
     sample_t,
     suppress_logits,
+    suppression_bias,
 )
 
 MASK = 3
@@ -111,6 +113,29 @@ def test_sampled_corrector_input_follows_the_softmax():
     assert torch.allclose(freq[:MASK], expected, atol=0.015)
     again = corrector_input(suppress_logits(logits, MASK, VOCAB), n, cfg, MASK, seed=5, positions=torch.tensor([7]))
     assert torch.equal(y, again)  # keyed: reproducible
+
+
+@pytest.mark.parametrize("corrector_input_mode", ["all", "masked"])
+def test_corrector_input_of_any_chunk_of_tokens_is_that_of_the_batch(corrector_input_mode):
+    """The chunked loss draws y from a few flattened tokens at a time: keyed by each token's
+    sample position and index, every chunk draws bit for bit what the whole batch draws there."""
+    cfg = DiffusionConfig(corrector_prior="sample", corrector_input=corrector_input_mode)
+    generator = torch.Generator().manual_seed(0)
+    rows, length, vocab = 3, 5, 6
+    scores = suppress_logits(torch.randn(rows, length, vocab, generator=generator), MASK, VOCAB)
+    x0 = torch.randint(0, MASK, (rows, length), generator=generator)
+    zt = torch.where(torch.rand(rows, length, generator=generator) < 0.5, MASK, x0)
+    n = Noised(x0=x0, zt=zt, sigma=torch.ones(rows), weight=torch.ones(rows), token_mask=torch.ones(rows, length))
+    positions = torch.tensor([4, 9, 2])
+    whole = corrector_input(scores, n, cfg, MASK, seed=5, positions=positions).flatten()
+    sample_position = positions[:, None].expand(rows, length).flatten()
+    token_index = torch.arange(length)[None].expand(rows, length).flatten()
+    flat = scores.flatten(0, 1)
+    drawn = torch.cat([draw_corrector_input(flat[s], x0.flatten()[s], zt.flatten()[s], sample_position[s],
+                                            token_index[s], cfg, MASK, seed=5)
+                       for s in (slice(0, 4), slice(4, 11), slice(11, 15))])
+    assert torch.equal(drawn, whole)
+    assert suppression_bias(vocab, MASK, VOCAB, "cpu").tolist() == [0, 0, 0, -1e6, -1e6, -1e6]
 
 
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9, 0.999])

@@ -42,15 +42,14 @@ def test_untrained_model_predicts_uniform():
 
 
 def test_official_parameter_layout():
-    """Names and shapes follow kuleshov-group/proseco-owt (qkv split in three), and the
+    """Names and shapes follow kuleshov-group/proseco-owt (one fused attn_qkv), and the
     parameter count matches the paper's 169,627,218 for the OWT configuration."""
     names = [n for n, _ in DiT(TINY, SHAPE).named_parameters()]
     assert names[:5] == ["vocab_embed.weight", "sigma_map.mlp.0.weight", "sigma_map.mlp.0.bias",
                          "sigma_map.mlp.2.weight", "sigma_map.mlp.2.bias"]
-    assert names[5:17] == [f"blocks.0.{n}" for n in ["norm1.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                                                     "attn_out.weight", "norm2.weight", "mlp.0.weight", "mlp.0.bias",
-                                                     "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight",
-                                                     "adaLN_modulation.bias"]]
+    assert names[5:15] == [f"blocks.0.{n}" for n in ["norm1.weight", "attn_qkv.weight", "attn_out.weight",
+                                                     "norm2.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight",
+                                                     "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]]
     assert names[-5:] == ["output_layer.norm_final.weight", "output_layer.linear.weight", "output_layer.linear.bias",
                           "output_layer.adaLN_modulation.weight", "output_layer.adaLN_modulation.bias"]
     owt = ModelConfig(d_model=768, n_layers=12, n_heads=12, cond_dim=128)
@@ -147,14 +146,73 @@ def test_family_registry_builds_the_dit_and_maps_the_published_names():
     model = family.build(TINY, SHAPE)
     randomise(model)
     state = {name: p.detach() for name, p in model.named_parameters()}
-    official = family.to_official(state)
-    d = TINY.d_model
+    official = family.to_official(state, TINY)
+    d, heads, hd = TINY.d_model, TINY.n_heads, TINY.d_model // TINY.n_heads
     assert official["backbone.vocab_embed.embedding"] is state["vocab_embed.weight"]
-    assert official["backbone.blocks.1.attn_qkv.weight"].shape == (3 * d, d)
-    assert torch.equal(official["backbone.blocks.1.attn_qkv.weight"][d:2 * d], state["blocks.1.attn_k.weight"])
-    assert not any("attn_q." in name for name in official) and len(official) == len(state) - 2 * TINY.n_layers
-    back = family.from_official({**official, "noise.sigmas": torch.zeros(1)})  # non-backbone keys are dropped
+    fused = official["backbone.blocks.1.attn_qkv.weight"]
+    assert fused.shape == (3 * d, d) and len(official) == len(state)
+    # Published rows [3, H, hd]: k's rows of head 2 sit at d + 2*hd; ours ([H, 3, hd]) at (2*3 + 1)*hd.
+    ours = state["blocks.1.attn_qkv.weight"]
+    assert torch.equal(fused[d + 2 * hd:d + 3 * hd], ours[7 * hd:8 * hd])
+    assert torch.equal(fused.view(3, heads, hd, d).transpose(0, 1).reshape(3 * d, d), ours)
+    back = family.from_official({**official, "noise.sigmas": torch.zeros(1)}, TINY)  # non-backbone keys dropped
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_head_major_fused_projection_is_the_three_separate_projections():
+    """One attn_qkv with rows [H, 3, hd] computes what three projections q, k, v (the rows of each
+    head taken from them) computed: the fused block's output equals a block run with the
+    separate projections, so the rearrangement changed no arithmetic."""
+    torch.manual_seed(0)
+    block = DiTBlock(TINY)
+    randomise(block)
+    heads, hd = TINY.n_heads, TINY.d_model // TINY.n_heads
+    separate = [torch.nn.Linear(TINY.d_model, TINY.d_model, bias=False) for _ in range(3)]
+    with torch.no_grad():
+        rows = block.attn_qkv.weight.view(heads, 3, hd, TINY.d_model)
+        for i, layer in enumerate(separate):
+            layer.weight.copy_(rows[:, i].reshape(TINY.d_model, TINY.d_model))
+
+    def three_projections(h):
+        return tuple(layer(h).view(*h.shape[:2], heads, hd) for layer in separate)
+
+    x, c = torch.randn(2, SHAPE.seq_len, TINY.d_model), torch.randn(2, TINY.cond_dim)
+    rotary = model_module.Rotary(hd, TINY.rope_base)
+    fused = block(x, c, rotary)
+    h = torch.randn(2, SHAPE.seq_len, TINY.d_model)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(block._qkv(h), three_projections(h)))
+    block._qkv = three_projections
+    assert torch.allclose(fused, block(x, c, rotary), atol=1e-6)
+
+
+def test_checkpoint_names_of_the_earlier_split_projections_are_fused_on_load():
+    """State dicts (any prefix) holding attn_q/attn_k/attn_v, as checkpoints of the earlier code do,
+    map onto attn_qkv concatenated head-major; a lone projection is refused by name."""
+    from pretrain.errors import CheckpointError
+    from pretrain.models import get_family
+
+    family = get_family("dit")
+    model = family.build(TINY, SHAPE)
+    randomise(model)
+    heads, hd, d = TINY.n_heads, TINY.d_model // TINY.n_heads, TINY.d_model
+    state = {name: p.detach() for name, p in model.named_parameters()}
+    old = {}
+    for name, tensor in state.items():
+        if name.endswith("attn_qkv.weight"):
+            q, k, v = tensor.view(heads, 3, hd, d).unbind(1)
+            old.update({name.replace("qkv", x): t.reshape(d, d) for x, t in zip("qkv", (q, k, v))})
+        else:
+            old[name] = tensor
+    for prefix in ("", "ema."):
+        upgraded = family.upgrade_state({prefix + n: t for n, t in old.items()}, TINY)
+        assert upgraded.keys() == {prefix + n for n in state}
+        assert all(torch.equal(upgraded[prefix + n], state[n]) for n in state)
+    assert family.upgrade_state(state, TINY) == state
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn_k\.weight is missing"):
+        family.upgrade_state({"blocks.0.attn_q.weight": old["blocks.0.attn_q.weight"]}, TINY)
+    misshapen = {**old, "blocks.1.attn_v.weight": torch.zeros(d, d + 1)}
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.attn_q/k/v\.weight .* not three equal projections"):
+        family.upgrade_state(misshapen, TINY)
 
 
 def test_the_attention_kernel_a_run_uses_is_named(monkeypatch):
@@ -170,3 +228,15 @@ def test_the_attention_kernel_a_run_uses_is_named(monkeypatch):
     assert DiTConfig().kernels("cuda", "bf16") == "attention: flash-attn"
     assert DiTConfig().kernels("cuda", "fp32") == "attention: PyTorch SDPA on cuda"
     assert DiTConfig(attention="sdpa").kernels("cuda", "bf16") == "attention: PyTorch SDPA on cuda"
+
+
+def test_a_block_runs_one_gemm_for_q_k_and_v():
+    """Five GEMMs per block forward (adaLN, the fused q/k/v, attention output, two MLP layers),
+    as benchmarks/gemm_count.py counts them; the three separate projections made seven."""
+    from benchmarks.gemm_count import count_gemms
+
+    block = DiTBlock(TINY)
+    x, c = torch.randn(2, SHAPE.seq_len, TINY.d_model), torch.randn(2, TINY.cond_dim)
+    rotary = model_module.Rotary(TINY.d_model // TINY.n_heads, TINY.rope_base)
+    counts = count_gemms(lambda: block(x, c, rotary))
+    assert sum(counts.values()) == 5 and counts["mm"] == 2 and counts["addmm"] == 3, counts

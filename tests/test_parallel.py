@@ -35,15 +35,20 @@ def check_parity(results: list[dict], count: int) -> None:
         assert r["names_match"], r
         assert r["loss_error"] <= 1e-6 * abs(r["reference_loss"]), r
         assert r["grad_error"] <= 1e-6 * r["grad_scale"], r
+        if "reduced_bytes" in r:  # data parallelism: each gradient reduced once per step, in both step modes
+            # (the rest: the token count and metric sums, a few fp32 scalars)
+            assert 0 <= r["reduced_bytes"] - r["analytic_reduced_bytes"] < 256, r
 
 
 def test_two_rank_layouts_match_one_process(shards, tmp_path):
     """dp=2 (sharded, replicated, no-reshard + activation checkpointing), tp=2 with and without
     sequence parallelism (both step modes), pp=2 with GPipe, 1F1B and interleaved 1F1B (two-pass):
-    the loss, every gradient and the global gradient norm against one process."""
+    the loss, every gradient and the global gradient norm against one process; at dp=2 the bytes
+    of gradients reduced (reuse runs the model twice before one backward: still each once)."""
     torchrun(2, WORKER, "parity", str(shards), str(tmp_path / "parity.json"))
     results = json.loads((tmp_path / "parity.json").read_text())
     check_parity(results, count=5 + 8)
+    assert sum("reduced_bytes" in r for r in results) == 2 * 3  # the dp=2 layouts, both modes
     assert {r["layout"].split("parallel.pp_schedule=")[-1] for r in results if "pp=2" in r["layout"]} == {
         "gpipe", "1f1b", "interleaved_1f1b parallel.pp_virtual_stages=2"}
 
@@ -136,17 +141,23 @@ def _cpu():
     return torch.device("cpu")
 
 
-def test_validation_reads_the_same_samples_on_every_layout(shards, tmp_path):
+@pytest.mark.parametrize("data_parallel", ["fsdp", "ddp"])
+def test_validation_reads_the_same_samples_on_every_layout(shards, tmp_path, data_parallel):
     """train.eval_batches counts global batches, not batches per rank: dp=2 validates the very
-    samples one process does (the same token count), so the NELBO agrees like the losses do."""
-    def last_val(run_dir: Path) -> dict:
-        return [r for r in read_metrics(run_dir) if r["split"] == "val"][-1]
+    samples one process does (the same token count), so the NELBO agrees like the losses do.
+    Validation mid-run (EMA weights swapped in and back) then training on: under ddp (and
+    fsdp_no_reshard) a no-grad forward leaves the parameters gathered, and the swap back once
+    crashed on them."""
+    def vals(run_dir: Path) -> list[dict]:
+        return [r for r in read_metrics(run_dir) if r["split"] == "val"]
 
-    steps = ("train.max_steps=2",)
+    steps = ("train.max_steps=2", "train.eval_every=1")
     train(load_config(None, [*TINY, *run_overrides(shards, tmp_path / "one", *steps)]))
-    launched = torchrun(2, WORKER, "train", *run_overrides(shards, tmp_path / "dp2", *steps, "parallel.dp=2"))
+    launched = torchrun(2, WORKER, "train", *run_overrides(shards, tmp_path / "dp2", *steps, "parallel.dp=2",
+                                                             f"parallel.data_parallel={data_parallel}"))
     assert "returned a view tensor" not in launched.stderr  # FSDP2's warning, harmless here, is silenced
-    one, dp2 = last_val(tmp_path / "one"), last_val(tmp_path / "dp2")
-    assert one["tokens"] == dp2["tokens"] == 2 * 8 * 16  # eval_batches x global batch x seq_len
-    assert abs(one["mdlm_nelbo"] - dp2["mdlm_nelbo"]) <= 1e-5 * abs(one["mdlm_nelbo"])
-    assert abs(one["corrector_nll"] - dp2["corrector_nll"]) <= 1e-5 * abs(one["corrector_nll"])
+    assert losses(tmp_path / "dp2").keys() == {1, 2}
+    for one, dp2 in zip(vals(tmp_path / "one"), vals(tmp_path / "dp2"), strict=True):
+        assert one["tokens"] == dp2["tokens"] == 2 * 8 * 16  # eval_batches x global batch x seq_len
+        assert abs(one["mdlm_nelbo"] - dp2["mdlm_nelbo"]) <= 1e-5 * abs(one["mdlm_nelbo"])
+        assert abs(one["corrector_nll"] - dp2["corrector_nll"]) <= 1e-5 * abs(one["corrector_nll"])

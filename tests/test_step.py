@@ -126,3 +126,73 @@ def test_tiny_model_memorises_eight_sequences():
     assert (denoised[masked] == data["tokens"][masked]).float().mean() > 0.9
     assert (corrected == data["tokens"]).float().mean() > 0.98
     assert nelbo < 0.7  # from about 3.2 at initialisation; the floor is log(8)/16 = 0.13
+
+
+def chunked(chunk: int, **overrides) -> Objective:
+    return objective(loss_chunk_tokens=chunk, **overrides)
+
+
+@pytest.mark.parametrize("mode", ["reuse", "two_pass"])
+@pytest.mark.parametrize("overrides", [{}, {"corrector_prior": "sample", "corrector_input": "masked"},
+                                       {"corrector_training": False}, {"corrector_errors_upweighted": False}],
+                         ids=["joint", "sampled-masked", "mdlm", "plain-corrector"])
+def test_chunked_loss_equals_whole_logits(mode, overrides):
+    """Chunks of 7 and 40 tokens (neither divides the 96 tokens of a micro-batch, nor 192 of a
+    two-pass batch) and one chunk give the whole-logits metrics exactly (argmaxes and draws
+    included) and its loss and gradients to fp32 rounding."""
+    torch.manual_seed(0)
+    model = DiT(CFG, ModelShape(32, L))  # padded past the real vocabulary, as under tensor parallelism
+    randomise(model)
+    batch = make_batch()
+    tokens = batch["tokens"].numel()
+
+    def step(obj):
+        model.zero_grad()
+        metrics = forward_backward(LocalRunner(model), [batch], obj, step=0, mode=mode, backward_scale=1.0 / tokens)
+        return metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    whole, whole_grads = step(chunked(0, **overrides))
+    scale = max(g.abs().max() for g in whole_grads.values())
+    assert scale > 0
+    for size in (7, 40, 4096):
+        metrics, grads = step(chunked(size, **overrides))
+        assert torch.allclose(metrics.loss, whole.loss, rtol=1e-6)
+        for name in ("mdlm", "corrector"):
+            assert torch.allclose(getattr(metrics, name), getattr(whole, name), rtol=1e-6, atol=1e-6), name
+        for name in ("input_errors", "output_errors", "tokens"):
+            assert torch.equal(getattr(metrics, name), getattr(whole, name)), name
+        for name in whole_grads:
+            assert (grads[name] - whole_grads[name]).abs().max() <= 2e-6 * scale, (size, name)
+    assert not model.emit_features  # the model gives logits again after the step
+
+
+def test_chunked_loss_never_saves_logits_nor_redoes_argmaxes(monkeypatch):
+    """With chunks, nothing vocabulary-sized is saved for backward (each chunk's logits are
+    recomputed), and the recomputation stops at the loss: pass 1's draw and the corrector's
+    argmax run once per chunk, not again in backward."""
+    import pretrain.step as step_module
+
+    calls = {"draw": 0, "argmax": 0}
+    real_draw, real_argmax = step_module.draw_corrector_input, step_module.vocab_argmax
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(step_module, "draw_corrector_input", counting("draw", real_draw))
+    monkeypatch.setattr(step_module, "vocab_argmax", counting("argmax", real_argmax))
+    model = DiT(CFG, ModelShape(VOCAB, L))
+    randomise(model)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        run(model, make_batch(), chunked(7), step=0, mode="reuse")
+    chunks = -(-6 * L // 7)
+    assert calls == {"draw": chunks, "argmax": chunks}
+    assert saved and not [s for s in saved if s and s[-1] == VOCAB]
+
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        run(model, make_batch(), chunked(0), step=0, mode="reuse")
+    assert [s for s in saved if s and s[-1] == VOCAB]  # the whole-logits path does keep them

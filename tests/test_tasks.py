@@ -171,3 +171,18 @@ def test_sentencepiece_trains_on_a_bounded_sample(corpus: dict, tmp_path: Path) 
     full = json.loads((train_tokenizer(text, "bpe", tmp_path / "full", 400).folder / "tokenizer.json").read_text())
     assert full["info"]["trained_on"]["characters"] > 5 * trained_on["characters"]
     assert all(bounded.decode(bounded.encode(doc)) == doc for doc in corpus["docs"][:50])  # still lossless
+
+
+def test_partial_files_a_killed_task_left_are_removed_when_its_chunk_is_written(corpus: dict, tmp_path: Path) -> None:
+    """A SIGKILL during a write leaves NAME.tmp-*; the chunk is not done, so the next run writes it
+    again and removes what was left (only of its own chunks: other tasks may be writing theirs)."""
+    out = tmp_path / "out"
+    for stale in ("train/shard-000000-0000.tar.tmp-0123456789ab", ".tasks/train-000000.json.tmp-0123456789ab"):
+        (out / stale).parent.mkdir(parents=True, exist_ok=True)
+        (out / stale).write_bytes(b"half a shard")
+    source = str(corpus["root"] / "docs.jsonl")
+    shard_task(source, corpus["tokenizer"], 24, out, task_index=0, num_tasks=1, workers=1, **OPTIONS)
+    merge_shards(out)
+    whole = tmp_path / "whole"
+    shard_corpus(source, corpus["tokenizer"], 24, whole, workers=1, **OPTIONS)
+    assert files(out) == files(whole) and not list(out.rglob("*.tmp-*"))

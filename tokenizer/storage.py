@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.errors import UserError
-from pretrain.files import atomic_write_bytes, file_sha256
+from pretrain.files import atomic_write_bytes, file_sha256, remove_partials
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +200,13 @@ class Store:
                            "data.read_retries / data.read_timeout_s") from None
 
     # -- writes --------------------------------------------------------------------------------
+
+    def remove_partials(self, relative_prefix: str) -> None:
+        """Delete partial files a killed local writer left under names starting with `relative_prefix`
+        (object stores have none: a PUT lands whole or not at all)."""
+        if self.local:
+            folder, _, prefix = relative_prefix.rpartition("/")
+            remove_partials(self.path(folder) if folder else Path(self.root), prefix)
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Write one file: atomically (temporary name, then rename) locally; one PUT on object stores."""

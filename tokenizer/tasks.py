@@ -230,7 +230,11 @@ def record_name(split: str, chunk: int) -> str:
 
 def _finish_chunk(store: Store, job: ShardJob, split_index: int, split: str, chunk: int,
                   parts: list[np.ndarray], lengths: list[np.ndarray]) -> None:
-    """Shuffle a tokenized chunk, write its shards, then its record (the proof it is complete)."""
+    """Shuffle a tokenized chunk, write its shards, then its record (the proof it is complete).
+    Partial files of this chunk that a killed run of this task left are removed first (the chunk
+    belongs to this task alone, so no live writer holds them)."""
+    store.remove_partials(f"{split}/shard-{chunk:06d}-")
+    store.remove_partials(record_name(split, chunk))
     lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     samples, stats = _samples(parts, lengths_all, job.layout)
     if len(samples) > KEY_SPAN:

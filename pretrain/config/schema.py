@@ -56,6 +56,11 @@ class DiffusionConfig:
     """Scalar on the corrector loss (the official config defaults to 0; the released runs use 1)."""
     corrector_training_start_step: int = field(default=0, metadata={"ge": -1})
     """Train plain MDLM before this optimizer step, then the joint loss (0 or -1: from the start)."""
+    loss_chunk_tokens: int = field(default=1024, metadata={"ge": 0})
+    """The losses, pass 1's argmax and the corrector loss are computed from the model's final
+    features this many tokens at a time, the output projection fused in and its logits recomputed
+    in backward, so no B x L x vocabulary tensor is ever held (same loss and gradients). 0: the
+    model returns the whole logits, as the sampler needs them."""
 
 
 @dataclass

@@ -3,8 +3,8 @@
 The folder may be in the paper's layout (kuleshov-group/proseco-owt, mdlm-owt: config.json's
 ProsecoConfig fields, `backbone.*` weights, safetensors or a PyTorch state dict) or in this
 framework's (an export). Its keys and shapes are checked against the model its config.json
-describes, then the weights are renamed (the fused qkv split), the vocabulary padded to
-model.vocab_multiple, and saved as a DCP checkpoint `OUT/checkpoints/step_00000000`, which loads at
+describes, then the weights are renamed (the fused qkv rows reordered head-major), the vocabulary
+padded to model.vocab_multiple, and saved as a DCP checkpoint `OUT/checkpoints/step_00000000`, which loads at
 any dp/tp/pp layout. The weights are taken as both the raw and the EMA weights (the releases push
 the EMA). The tokenizer: the folder's own (an export), an existing tokenizer folder, or `--kind
 gpt2` (the released OWT models': GPT-2 BPE, vocabulary 50258, mask id 50257).

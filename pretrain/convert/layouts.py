@@ -54,7 +54,7 @@ def to_folder(family: ModelFamily, cfg: ModelConfig, weights: dict[str, torch.Te
               layout: str) -> dict[str, torch.Tensor]:
     """Full weights under this framework's names -> the folder's tensors in `layout`."""
     if layout == PAPER:
-        tensors = family.to_official(resize_vocab(family, weights, cfg.vocab_size, cfg.vocab_size))
+        tensors = family.to_official(resize_vocab(family, weights, cfg.vocab_size, cfg.vocab_size), cfg)
     else:
         tensors = {family.hf_prefix + name: t for name, t in weights.items()}
     return {**tensors, **family.official_buffers(cfg)}
@@ -83,9 +83,9 @@ def from_folder(family: ModelFamily, cfg: ModelConfig, tensors: dict[str, torch.
         if not t.is_floating_point():
             raise CheckpointError(f"{name} is a {t.dtype} tensor; model weights are floating point")
     if layout == PAPER:
-        weights = family.from_official(weights)
-    else:
-        weights = {name[len(family.hf_prefix):]: t for name, t in weights.items()}
+        weights = family.from_official(weights, cfg)
+    else:  # an export of an earlier version may hold older names
+        weights = family.upgrade_state({name[len(family.hf_prefix):]: t for name, t in weights.items()}, cfg)
     weights = {name: t.to(torch.float32) for name, t in weights.items()}
     return resize_vocab(family, weights, cfg.vocab_size, ModelShape.of(cfg).vocab_size)
 
@@ -96,6 +96,15 @@ def expected_shapes(family: ModelFamily, cfg: ModelConfig, layout: str, rows: in
     meta = family.build(cfg, ModelShape(vocab_size=rows, seq_len=cfg.seq_len), device="meta")
     weights = {name: p.detach() for name, p in meta.named_parameters()}
     return {name: tuple(t.shape) for name, t in to_folder(family, cfg, weights, layout).items()}
+
+
+def upgraded_shapes(family: ModelFamily, cfg: ModelConfig,
+                    shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of stored tensors, with the names of an earlier version of this framework
+    (e.g. a block's separate attn_q, attn_k, attn_v) mapped onto today's as loading maps them
+    (`ModelFamily.upgrade_state`, run on meta tensors: nothing is allocated)."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    return {name: tuple(t.shape) for name, t in family.upgrade_state(meta, cfg).items()}
 
 
 def check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str,

@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 
 from parallel.ranges import field_problems
-from pretrain.checkpoint import dcp_load, read_dcp_metadata, read_meta, require_verified, resolve_checkpoint
-from pretrain.checkpoint.folder import DCP_METADATA, is_deepspeed_checkpoint
+from pretrain.checkpoint import read_meta, require_verified, resolve_checkpoint
+from pretrain.checkpoint.folder import is_deepspeed_checkpoint
+from pretrain.checkpoint.inference import load_weights, stored_shapes
 from pretrain.config import RunConfig, load_config_dict
 from pretrain.convert import hf_folder
-from pretrain.convert.layouts import PAPER, check_shapes, expected_shapes, from_folder, layout_of
+from pretrain.convert.layouts import PAPER, check_shapes, expected_shapes, from_folder, layout_of, upgraded_shapes
 from pretrain.errors import CheckpointError, ConfigError, UserError
 from pretrain.models import ModelShape, get_family
 
-PUBLISHED_FAMILIES = {"proseco": "dit"}  # config.json model_type of a published layout -> the family reading it
+PUBLISHED_FAMILIES = {"proseco": "dit", "llada": "llada"}  # config.json model_type of a published layout -> its family
 EMA_PREFIX = "ema."  # consolidate()'s names for the EMA weights
 
 
@@ -119,7 +120,10 @@ def open_folder(folder: Path) -> Source:
                               f"least vocab_size={run.model.vocab_size}")
     expected = expected_shapes(family, run.model, layout, rows)
     described = f"the model its config.json describes ({_summary(config)})"
-    check_shapes(hf_folder.read_shapes(folder), expected, str(folder), described,
+    found = hf_folder.read_shapes(folder)
+    if layout != PAPER:  # an export of an earlier version may hold older names (mapped on load)
+        found = upgraded_shapes(family, run.model, found)
+    check_shapes(found, expected, str(folder), described,
                  optional=frozenset(family.official_buffers(run.model)))
 
     def load() -> dict[str, torch.Tensor]:
@@ -149,6 +153,8 @@ def open_consolidated(file: Path, ema: bool) -> Source:
         raise CheckpointError(f"{file} has no run config in its metadata: it was not written by `proseco checkpoint "
                               "consolidate`; for a Hugging Face folder pass the folder")
     run = _run_config(json.loads(metadata["config"]), str(file))
+    family = get_family(run.model.family)
+    stored = upgraded_shapes(family, run.model, stored)  # a file of an earlier version: older names mapped
     prefix = EMA_PREFIX if ema and any(k.startswith(EMA_PREFIX) for k in stored) else ""
     names = {name: prefix + name for name in _model_shapes(run)}
     found = {name: stored[key] for name, key in names.items() if key in stored}
@@ -157,7 +163,7 @@ def open_consolidated(file: Path, ema: bool) -> Source:
     def load() -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        tensors = load_file(str(file))
+        tensors = family.upgrade_state(load_file(str(file)), run.model)
         return {name: tensors[key].float() for name, key in names.items()}
 
     weights = "EMA" if prefix else "raw"
@@ -173,16 +179,15 @@ def open_checkpoint(path: Path, ema: bool) -> Source:
     meta = read_meta(path)
     run = _run_config(meta.get("config", {}), str(path / "meta.json"))
     key = "ema" if ema and meta.get("has_ema", False) else "model"
-    stored = read_dcp_metadata(path / DCP_METADATA).state_dict_metadata
+    family = get_family(run.model.family)
+    stored = upgraded_shapes(family, run.model, stored_shapes(path, key))  # older names mapped
     shapes = _model_shapes(run)
-    found = {name: tuple(stored[f"{key}.{name}"].size) for name in shapes if f"{key}.{name}" in stored}
+    found = {name: stored[name] for name in shapes if name in stored}
     check_shapes(found, shapes, str(path), "the model of its run config")
 
     def load() -> dict[str, torch.Tensor]:
         require_verified(path, "digest", collective=False)
-        weights = {name: torch.empty(shape) for name, shape in shapes.items()}
-        dcp_load({key: weights}, path, no_dist=True)
-        return weights
+        return load_weights(path, key, shapes, lambda state: family.upgrade_state(state, run.model))
 
     return Source(path, f"checkpoint ({'EMA' if key == 'ema' else 'raw'} weights)", run, found, load)
 

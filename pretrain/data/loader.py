@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pretrain.data.labels import SplitLabels, open_labels
 from pretrain.data.order import EpochOrder, Piece
 from pretrain.data.shards import SampleReader, SplitShards, open_split
 from pretrain.errors import UserError
@@ -93,9 +94,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: SplitShards, order: EpochOrder, schedule: TrainSchedule | EvalSchedule,
                  max_corrupt_fraction: float, limit: int | None = None, verify_digests: bool = True,
-                 prefetch: int = 0):
+                 prefetch: int = 0, labels: SplitLabels | None = None):
         super().__init__()
         self.shards, self.order, self.schedule = shards, order, schedule
+        self.labels = labels
+        """Conditioning labels of the split (data.labels): items then carry each sample's class."""
         self.max_corrupt_fraction, self.verify_digests = max_corrupt_fraction, verify_digests
         self.limit = limit
         """One-pass mode: positions >= limit are padding (valid=False), holding sample position % limit."""
@@ -157,8 +160,11 @@ class ShardStream(IterableDataset):
             positions %= self.limit
         else:
             valid = ~corrupt
-        return {"tokens": tokens, "position": positions, "valid": valid, "step": step, "micro": micro,
+        item = {"tokens": tokens, "position": positions, "valid": valid, "step": step, "micro": micro,
                 "corrupt": int(corrupt.sum())}
+        if self.labels is not None:
+            item["label"] = self.labels.of(pieces, mb)
+        return item
 
 
 def _count(start: int, step: int) -> Iterator[int]:
@@ -173,7 +179,9 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _to_torch(item: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
-    for key in ("tokens", "position", "valid"):
+    for key in ("tokens", "position", "valid", "label"):
+        if key not in item:  # "label" only with data.labels
+            continue
         tensor = torch.from_numpy(item[key])  # no copy
         item[key] = tensor.pin_memory() if pin_memory else tensor
     return item
@@ -254,13 +262,15 @@ class TrainLoader:
                  dp_size: int = 1, num_workers: int = 1, seed: int = 0, shuffle: bool = True,
                  max_corrupt_fraction: float = 0.01, expected_tokenizer_sha256: str | None = None,
                  split: str = "train", pin_memory: bool = False, verify_digests: bool = True,
-                 prefetch: int = DEFAULT_PREFETCH, read_policy: ReadPolicy = DEFAULT_POLICY):
+                 prefetch: int = DEFAULT_PREFETCH, read_policy: ReadPolicy = DEFAULT_POLICY,
+                 labels: str | None = None):
         _check_layout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch)
         if global_batch_size % (dp_size * micro_batch_size) or global_batch_size <= 0:
             raise ValueError(f"global_batch_size={global_batch_size} is not a positive multiple of dp_size x "
                              f"micro_batch_size = {dp_size} x {micro_batch_size}")
         self.manifest, self.shards = open_split(folder, split, expected_tokenizer_sha256=expected_tokenizer_sha256,
                                                 max_corrupt_fraction=max_corrupt_fraction, policy=read_policy)
+        self.labels = _labels(folder, labels, split, self.manifest, self.shards, read_policy)
         self.prefetch = prefetch
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
@@ -307,7 +317,8 @@ class TrainLoader:
         schedule = TrainSchedule(start=self._position, first_step=self._step, global_batch_size=self.global_batch_size,
                                  micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)
         stream = ShardStream(self.shards, EpochOrder(self.shards.counts, self.seed, self.shuffle), schedule,
-                             self.max_corrupt_fraction, verify_digests=self.verify_digests, prefetch=self.prefetch)
+                             self.max_corrupt_fraction, verify_digests=self.verify_digests, prefetch=self.prefetch,
+                             labels=self.labels)
         return self._consume(_items(stream, self.num_workers, self.pin_memory), self._generation)
 
     def _consume(self, items: Generator[dict[str, Any], None, None], generation: int) -> Iterator[dict[str, Any]]:
@@ -391,10 +402,11 @@ class EvalLoader:
                  dp_size: int = 1, max_samples: int | None = None, num_workers: int = 0,
                  max_corrupt_fraction: float = 0.01, expected_tokenizer_sha256: str | None = None,
                  pin_memory: bool = False, verify_digests: bool = True, prefetch: int = DEFAULT_PREFETCH,
-                 read_policy: ReadPolicy = DEFAULT_POLICY):
+                 read_policy: ReadPolicy = DEFAULT_POLICY, labels: str | None = None):
         _check_layout(micro_batch_size, dp_rank, dp_size, num_workers, prefetch)
         self.manifest, self.shards = open_split(folder, split, expected_tokenizer_sha256=expected_tokenizer_sha256,
                                                 max_corrupt_fraction=max_corrupt_fraction, policy=read_policy)
+        self.labels = _labels(folder, labels, split, self.manifest, self.shards, read_policy)
         self.prefetch = prefetch
         self.verify_digests = verify_digests
         self.samples = self.shards.samples if max_samples is None else max(0, min(self.shards.samples, max_samples))
@@ -412,7 +424,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         order = EpochOrder(self.shards.counts, seed=0, shuffle=False)
         stream = ShardStream(self.shards, order, self.schedule, self.max_corrupt_fraction, limit=self.samples,
-                             verify_digests=self.verify_digests, prefetch=self.prefetch)
+                             verify_digests=self.verify_digests, prefetch=self.prefetch, labels=self.labels)
         items = _items(stream, self.num_workers, self.pin_memory)
         try:
             for item in items:
@@ -426,9 +438,17 @@ def eval_batches(folder: str | Path, split: str = "val", *, micro_batch_size: in
                  dp_size: int = 1, max_samples: int | None = None, num_workers: int = 0,
                  max_corrupt_fraction: float = 0.01, expected_tokenizer_sha256: str | None = None,
                  pin_memory: bool = False, verify_digests: bool = True, prefetch: int = DEFAULT_PREFETCH,
-                 read_policy: ReadPolicy = DEFAULT_POLICY) -> EvalLoader:
+                 read_policy: ReadPolicy = DEFAULT_POLICY, labels: str | None = None) -> EvalLoader:
     """The evaluation batches of one data-parallel rank (an iterable with len(); see `EvalLoader`)."""
     return EvalLoader(folder, split, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                       max_samples=max_samples, num_workers=num_workers, max_corrupt_fraction=max_corrupt_fraction,
                       expected_tokenizer_sha256=expected_tokenizer_sha256, pin_memory=pin_memory,
-                      verify_digests=verify_digests, prefetch=prefetch, read_policy=read_policy)
+                      verify_digests=verify_digests, prefetch=prefetch, read_policy=read_policy, labels=labels)
+
+
+def _labels(folder: str | Path, name: str | None, split: str, manifest, shards: SplitShards,
+            policy: ReadPolicy) -> SplitLabels | None:
+    """The label set `name` of the opened split, checked against its shards (None: no labels)."""
+    if name is None:
+        return None
+    return open_labels(folder, name, split, shards.counts, manifest.fingerprint, policy)

@@ -41,6 +41,7 @@ from parallel.env import backend_for
 from parallel.mesh import Layout
 from pretrain.checkpoint import dcp_load, read_meta
 from pretrain.checkpoint.folder import DEEPSPEED_DIR, is_deepspeed_checkpoint
+from pretrain.checkpoint.inference import refuse_resume_if_renamed
 from pretrain.errors import CheckpointError, UserError
 from pretrain.optim import lr_factor
 from pretrain.train import Trainer
@@ -165,6 +166,7 @@ class DeepSpeedTrainer(Trainer):
         sets its share of it into the engine."""
         shapes = {name: p.ds_shape if hasattr(p, "ds_shape") else p.shape
                   for name, p in self.engine.module.named_parameters()}
+        refuse_resume_if_renamed(path, list(shapes), lambda s: self.family.upgrade_state(s, self.cfg.model))
         weights = {name: torch.empty(shape) for name, shape in shapes.items()}
         moments = {name: {"exp_avg": torch.empty(shape), "exp_avg_sq": torch.empty(shape)}
                    for name, shape in shapes.items()}

@@ -12,6 +12,7 @@ Adding a family adds a folder here; neither parallel/ nor the training loop chan
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -30,6 +31,19 @@ MAX_PARAMETERS = 10**13
 MAX_SEQUENCE_ACTIVATIONS = 10**13
 
 
+def copy_with_stage_blocks(full, stage: int, counts: list[int]):
+    """A deep copy of `full` (a model whose blocks sit in a ModuleDict `blocks` keyed "0".."n-1")
+    keeping only the blocks of pipeline stage `stage` of len(counts) stages; parameter names are
+    unchanged. The family's build_stage then drops what only the first or last stage owns."""
+    part = copy.deepcopy(full)
+    first = sum(counts[:stage])
+    keep = {str(i) for i in range(first, first + counts[stage])}
+    for name in list(part.blocks.keys()):
+        if name not in keep:
+            del part.blocks[name]
+    return part
+
+
 @dataclass
 class ModelConfig:
     """What every model family's `model:` section has: the family and the sizes fixed by data.
@@ -37,7 +51,7 @@ class ModelConfig:
     splits into stages)."""
 
     family: str = DEFAULT_FAMILY
-    """Model family: a subpackage of pretrain/models (dit)."""
+    """Model family: a subpackage of pretrain/models (dit, llada)."""
     vocab_size: int | None = field(default=None, metadata={"ge": 2})
     """Real vocabulary including the mask token; None takes it from the shards' tokenizer."""
     vocab_multiple: int = field(default=64, metadata={"ge": 1})
@@ -108,10 +122,15 @@ class ModelFamily:
     """build_stage(full, stage, layers_per_stage) -> the part of `full` pipeline stage `stage` owns."""
     forward_flops: Callable[..., int]
     """forward_flops(cfg, shape) -> forward FLOPs of one sequence (backward = 2x)."""
-    to_official: Callable[[dict], dict]
-    """State dict with this framework's names -> the family's published checkpoint layout."""
-    from_official: Callable[[dict], dict]
-    """The inverse of to_official."""
+    to_official: Callable[[dict, Any], dict]
+    """to_official(state, cfg): state dict with this framework's names -> the family's published
+    checkpoint layout, for a model of `cfg`."""
+    from_official: Callable[[dict, Any], dict]
+    """from_official(state, cfg): the inverse of to_official (exact: export then import gives
+    the same tensors bit for bit)."""
+    upgrade_state: Callable[[dict, Any], dict]
+    """upgrade_state(state, cfg): a state dict (any key prefix) holding the parameter names of an
+    earlier version of this framework -> today's names; the same dict when it has none."""
     official_config: Callable[..., dict]
     """official_config(cfg, strict) -> the published layout's config.json fields (auto_map to
     hf_modeling_file's classes included) for a model of `cfg` (vocab_size and seq_len resolved);

@@ -96,7 +96,8 @@ def runs(spec: str, env: DistEnv) -> None:
 
 POISON: dict[int, str] = {}
 """step -> "loss" (rank 0's loss times NaN: the global loss is NaN, the gradients stay finite) or
-"grad" (rank 1's logits' gradient times Inf: the loss stays finite, every gradient is NaN/Inf)."""
+"grad" (rank 1's final-layer output gradient times Inf: the loss stays finite, every gradient is
+NaN/Inf)."""
 
 
 def poisoned_forward_backward(runner, batches, objective, step, *args, **kwargs):
@@ -105,7 +106,9 @@ def poisoned_forward_backward(runner, batches, objective, step, *args, **kwargs)
         def poison_output(module, inputs, output):
             output.register_hook(lambda grad: grad * math.inf)
 
-        handles.append(runner.parts[0].output_layer.linear.register_forward_hook(poison_output))
+        # On the final layer: its output is the logits or (chunked loss) the features the loss
+        # projects; either way every gradient behind it turns Inf/NaN.
+        handles.append(runner.parts[0].output_layer.register_forward_hook(poison_output))
     try:
         metrics = REAL_FORWARD_BACKWARD(runner, batches, objective, step, *args, **kwargs)
     finally:

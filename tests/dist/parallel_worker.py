@@ -15,11 +15,13 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from benchmarks.comm_worker import CountCollectives, analytic
 from parallel.env import DistEnv, detect_launch, init_distributed
 from parallel.gradients import global_grad_norm
 from pretrain.checkpoint import app_state
@@ -41,10 +43,13 @@ def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(full(tensor).detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def one_step(trainer: Trainer) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Loss terms and full gradients of the first global batch, on this trainer's layout."""
+def one_step(trainer: Trainer, counter: CountCollectives | None = None
+             ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Loss terms and full gradients of the first global batch, on this trainer's layout (the
+    collectives of its forward and backward recorded by `counter`)."""
     batches = iter(trainer.loader)
-    sums = trainer.forward_backward([next(batches) for _ in range(trainer.accum)])
+    with counter if counter is not None else nullcontext():
+        sums = trainer.forward_backward([next(batches) for _ in range(trainer.accum)])
     named = [(name, p) for part in trainer.parts for name, p in part.named_parameters()]
     for name, p in named:  # final gradients, not deferred partial sums
         assert not any(pl.is_partial() for pl in getattr(p.grad, "placements", ())), name
@@ -69,15 +74,19 @@ def random_init(model) -> None:
 
 
 def layouts(world: int) -> list[list[str]]:
+    """The reference computes the loss from whole logits; layouts with `chunks` from 5 tokens at a
+    time (32 per micro-batch, 64 two-pass), the rest from whole logits too."""
     pp = ["parallel.pp=2", "train.step_mode=two_pass"]
+    chunks = "diffusion.loss_chunk_tokens=5"
     if world == 2:
-        return [["parallel.dp=2", "parallel.data_parallel=fsdp"], ["parallel.dp=2", "parallel.data_parallel=ddp"],
+        return [["parallel.dp=2", "parallel.data_parallel=fsdp", chunks],
+                ["parallel.dp=2", "parallel.data_parallel=ddp"],
                 ["parallel.dp=2", "parallel.data_parallel=fsdp_no_reshard", "parallel.activation_checkpointing=true"],
-                ["parallel.tp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"],
-                [*pp, "parallel.pp_schedule=gpipe"], [*pp, "parallel.pp_schedule=1f1b"],
-                [*pp, "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]]
+                ["parallel.tp=2", chunks], ["parallel.tp=2", "parallel.sequence_parallel=true", chunks],
+                [*pp, "parallel.pp_schedule=gpipe"], [*pp, chunks, "parallel.pp_schedule=1f1b"],
+                [*pp, chunks, "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]]
     if world == 4:
-        return [["parallel.dp=2", "parallel.tp=2"],
+        return [["parallel.dp=2", "parallel.tp=2", chunks],
                 ["parallel.dp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.data_parallel=ddp"],
                 [*pp, "parallel.tp=2"], [*pp, "parallel.dp=2"]]
     if world == 8:
@@ -90,7 +99,8 @@ def parity(shards: str, out: str, env: DistEnv) -> None:
     results = []
     single = DistEnv(0, 1, 0, env.device, "single")
     for mode in ("reuse", "two_pass"):
-        base = [f"data.shards={shards}", "logging.run_dir=/tmp/unused", *TINY, f"train.step_mode={mode}"]
+        base = [f"data.shards={shards}", "logging.run_dir=/tmp/unused", *TINY, f"train.step_mode={mode}",
+                "diffusion.loss_chunk_tokens=0"]
         reference = Trainer(load_config(None, base), single)
         ref_sums, ref_grads = one_step(reference)
         for layout in layouts(env.world_size):
@@ -98,7 +108,8 @@ def parity(shards: str, out: str, env: DistEnv) -> None:
                 continue  # reuse needs the whole model in one stage (the config rejects it)
             cfg = load_config(None, [*base, *layout])
             validate(cfg, env.world_size)
-            sums, grads = one_step(Trainer(cfg, env))
+            trainer, counter = Trainer(cfg, env), CountCollectives()
+            sums, grads = one_step(trainer, counter)
             errors = {n: (grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads}
             grad_error = max(errors.values())
             worst = max(errors, key=errors.get)
@@ -107,10 +118,22 @@ def parity(shards: str, out: str, env: DistEnv) -> None:
                             "reference_loss": ref_sums["loss"],
                             "loss_error": max(abs(sums[k] - ref_sums[k]) for k in ref_sums),
                             "grad_error": grad_error, "grad_scale": grad_scale, "worst": worst,
-                            "names_match": sorted(grads) == sorted(ref_grads)})
+                            "names_match": sorted(grads) == sorted(ref_grads), **reduced_bytes(trainer, mode, counter)})
     if env.rank == 0:
         with open(out, "w") as stream:
             json.dump(results, stream, indent=1)
+
+
+def reduced_bytes(trainer: Trainer, mode: str, counter: CountCollectives) -> dict[str, int]:
+    """Data-parallel layouts (tp = pp = 1): the payload this rank reduced in one step's forward and
+    backward (gradients, plus the step's few scalar sums) and the analytic count of its gradient
+    reductions, each gradient once (benchmarks/comm_worker.py)."""
+    if trainer.layout.dp == 1 or trainer.layout.tp > 1 or trainer.layout.pp > 1:
+        return {}
+    kinds = ("reduce_scatter", "all_reduce")
+    expected = analytic(trainer, mode)
+    return {"reduced_bytes": sum(counter.bytes.get(kind, 0) for kind in kinds),
+            "analytic_reduced_bytes": sum(expected.get(kind, 0) for kind in kinds)}
 
 
 def dump_digests(trainer: Trainer) -> dict:

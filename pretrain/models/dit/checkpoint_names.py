@@ -2,10 +2,14 @@
 proseco-owt): parameter names, config.json fields and the buffers its state dict carries.
 
 Names: the same module tree under `backbone.`, except that the embedding is a bare parameter
-(`vocab_embed.embedding`) and q, k, v are one fused `attn_qkv` projection whose rows are [q; k; v]
-(split here because tensor parallelism shards by heads). The state dict also holds the rotary
-`inv_freq` buffer. config.json holds ProsecoConfig's fields; the released DiT fixes the MLP ratio
-(4) and the rotary base (1e4), which this framework's models may change."""
+(`vocab_embed.embedding`). Both have one fused `attn_qkv` projection, but its rows are ordered
+differently: the published one is [q; k; v] ([3, H, hd]: all heads' q, then k, then v), ours is
+head-major ([H, 3, hd]: each head's q, k and v together), so that tensor parallelism can shard it
+into contiguous row blocks of whole heads. Conversion permutes the rows (exactly: a permutation).
+Checkpoints of this framework written before the fusion hold `attn_q`, `attn_k`, `attn_v` apart;
+`upgrade_state` fuses them on load. The state dict also holds the rotary `inv_freq` buffer.
+config.json holds ProsecoConfig's fields; the released DiT fixes the MLP ratio (4) and the rotary
+base (1e4), which this framework's models may change."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.errors import UserError
+from pretrain.errors import CheckpointError, UserError
 from pretrain.models.dit.config import DiTConfig
 
 PREFIX = "backbone."
@@ -28,39 +32,67 @@ _FIELDS = {"vocab_size": "vocab_size", "model_length": "seq_len", "hidden_dim": 
            "time_conditioning": "time_conditioning"}
 _OPTIONAL = {"mlp_ratio": "mlp_ratio", "rope_base": "rope_base"}  # absent from the released config.json
 _EMBEDDING = ("vocab_embed.weight", "vocab_embed.embedding")
-_QKV = re.compile(r"^blocks\.(\d+)\.attn_qkv\.weight$")
-_SPLIT = re.compile(r"^blocks\.(\d+)\.attn_([qkv])\.weight$")
+_QKV = re.compile(r"^blocks\.\d+\.attn_qkv\.weight$")
+# attn_q/attn_k/attn_v of checkpoints written before the fusion, under any prefix ("ema.", "backbone.")
+_LEGACY_QKV = re.compile(r"^(.*\bblocks\.\d+\.)attn_([qkv])\.weight$")
 
 
-def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This framework's DiT state dict -> the published layout's names (q, k, v fused)."""
+def head_major_from_official(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """attn_qkv rows [3, H, hd] (the published order) -> [H, 3, hd] (this framework's)."""
+    return weight.unflatten(0, (3, n_heads, -1)).transpose(0, 1).flatten(0, 2)
+
+
+def official_from_head_major(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """attn_qkv rows [H, 3, hd] (this framework's order) -> [3, H, hd] (the published one)."""
+    return weight.unflatten(0, (n_heads, 3, -1)).transpose(0, 1).flatten(0, 2)
+
+
+def to_official(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """This framework's DiT state dict -> the published layout's names and qkv row order."""
     out: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
-        split = _SPLIT.match(name)
-        if split:
-            parts.setdefault(split.group(1), {})[split.group(2)] = tensor
-            continue
+        if _QKV.match(name):
+            tensor = official_from_head_major(tensor, cfg.n_heads)
         out[PREFIX + (_EMBEDDING[1] if name == _EMBEDDING[0] else name)] = tensor
-    for block, qkv in parts.items():
-        out[f"{PREFIX}blocks.{block}.attn_qkv.weight"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
     return out
 
 
-def from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The published layout's state dict -> this framework's names (attn_qkv split in three)."""
+def from_official(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """The published layout's state dict -> this framework's names and qkv row order."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if not name.startswith(PREFIX):
             continue  # e.g. the noise schedule's buffers outside the backbone
         name = name[len(PREFIX):]
-        fused = _QKV.match(name)
-        if fused:
-            q, k, v = tensor.chunk(3)
-            for letter, part in zip("qkv", (q, k, v)):
-                out[f"blocks.{fused.group(1)}.attn_{letter}.weight"] = part
-            continue
+        if _QKV.match(name):
+            tensor = head_major_from_official(tensor, cfg.n_heads)
         out[_EMBEDDING[0] if name == _EMBEDDING[1] else name] = tensor
+    return out
+
+
+def upgrade_state(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """A state dict with the names of earlier versions of this framework -> today's (the same
+    dict when it has none): each block's separate attn_q, attn_k, attn_v (under any prefix, e.g.
+    "ema.") fused into one head-major attn_qkv. Works on meta tensors (shapes only)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        legacy = _LEGACY_QKV.match(name)
+        if legacy:
+            parts.setdefault(legacy.group(1), {})[legacy.group(2)] = tensor
+        else:
+            out[name] = tensor
+    for block, qkv in parts.items():
+        if len(qkv) != 3:
+            missing = sorted(set("qkv") - set(qkv))
+            raise CheckpointError(f"{block}attn_{missing[0]}.weight is missing beside {block}attn_"
+                                  f"{next(iter(qkv))}.weight: the old q/k/v projections need all three")
+        shapes = {tuple(t.shape) for t in qkv.values()}
+        if len(shapes) > 1 or next(iter(shapes))[0] % cfg.n_heads:
+            raise CheckpointError(f"{block}attn_q/k/v.weight have shapes {[list(t.shape) for t in qkv.values()]}: "
+                                  f"not three equal projections of {cfg.n_heads} heads (model.n_heads)")
+        out[f"{block}attn_qkv.weight"] = head_major_from_official(torch.cat([qkv["q"], qkv["k"], qkv["v"]]),
+                                                                  cfg.n_heads)
     return out
 
 

@@ -10,12 +10,14 @@ from pretrain.models.dit.checkpoint_names import (
     official_buffers,
     official_config,
     to_official,
+    upgrade_state,
 )
 from pretrain.models.dit.model import DiT, forward_flops_per_sequence
 from pretrain.models.dit.parallelize import build_stage, parallelize
 
 FAMILY = ModelFamily(name="dit", build=DiT, parallelize=parallelize, build_stage=build_stage,
                      forward_flops=forward_flops_per_sequence,
-                     to_official=to_official, from_official=from_official, official_config=official_config,
+                     to_official=to_official, from_official=from_official, upgrade_state=upgrade_state,
+                     official_config=official_config,
                      model_fields=model_fields, official_buffers=official_buffers,
                      hf_prefix=PREFIX, vocab_parameters=VOCAB_PARAMETERS, hf_modeling_file=MODELING_FILE)

@@ -4,8 +4,10 @@ adaLN-Zero pre-LN blocks conditioned on a (by default constant) noise embedding,
 attention over the whole sequence (bidirectional), weight-only LayerNorm in fp32, GELU(tanh) MLP,
 untied input embedding and output layer. Module names follow the official Hugging Face layout
 (kuleshov-group/proseco-owt, mdlm-owt), so its checkpoints map onto this model by renaming,
-except that the fused `attn_qkv` is split into `attn_q`, `attn_k`, `attn_v`: separate projections
-are what tensor parallelism shards by heads (see checkpoint_names.py beside this file).
+except that the rows of the fused `attn_qkv` are ordered head-major ([H, 3, head_dim]: each head's
+q, k and v rows together) where upstream has [3, H, head_dim]: tensor parallelism then shards the
+projection into contiguous row blocks that hold whole heads with their q, k and v, and one GEMM
+still computes all three (see checkpoint_names.py beside this file for the row permutation).
 
 Parallelism is applied from outside (parallelize.py beside this file): nothing here knows about
 meshes. The blocks
@@ -24,6 +26,7 @@ from torch import nn
 
 from pretrain.models import ModelShape
 from pretrain.models.dit.config import DiTConfig
+from pretrain.models.rotary import Rotary, apply_rotary
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal features of sigma, as upstream
 
@@ -33,6 +36,11 @@ def _flash_attn_func():
     except ImportError:
         return None
     return flash_attn_func
+
+
+# Resolved once, at import: an import inside the forward would break a torch.compile graph
+# (parallel.compile) at every attention call.
+FLASH_ATTN_FUNC = _flash_attn_func()
 
 
 class LayerNorm(nn.Module):
@@ -72,38 +80,9 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(self.frequency_embedding(sigma))
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half / NeoX layout) for q and k."""
-
-    def __init__(self, head_dim: int, base: float):
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        # Not persistent: a function of head_dim and base, recomputed on load (also on meta devices).
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin tables [1, L, 1, head_dim], computed once per length and device."""
-        key = (seq_len, device)
-        if getattr(self, "_key", None) != key:
-            positions = torch.arange(seq_len, dtype=torch.float32, device=device)
-            freqs = torch.outer(positions, self.inv_freq.to(device))
-            angles = torch.cat([freqs, freqs], dim=-1)
-            self._key, self._tables = key, (angles.cos()[None, :, None, :], angles.sin()[None, :, None, :])
-        return self._tables
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, L, H, head_dim]; rotation computed in fp32 (as upstream), returned in x's dtype."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        xf = x.float()
-        half = xf.shape[-1] // 2
-        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-        return (xf * cos + rotated * sin).to(x.dtype)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """Bidirectional attention, [B, L, H, hd] in and out. flash-attn where it can run, else SDPA."""
-    flash = _flash_attn_func() if backend in ("auto", "flash") else None
+    flash = FLASH_ATTN_FUNC if backend in ("auto", "flash") else None
     flash_ok = flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if backend == "flash" and not flash_ok:
         raise RuntimeError("model.attention=flash needs flash-attn installed, CUDA tensors and bf16/fp16 "
@@ -123,9 +102,7 @@ class DiTBlock(nn.Module):
         self.head_dim = d // cfg.n_heads
         self.attention_backend = cfg.attention
         self.norm1 = LayerNorm(d)
-        self.attn_q = nn.Linear(d, d, bias=False)
-        self.attn_k = nn.Linear(d, d, bias=False)
-        self.attn_v = nn.Linear(d, d, bias=False)
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)  # rows head-major: [H, 3, head_dim]
         self.attn_out = nn.Linear(d, d, bias=False)
         self.norm2 = LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"),
@@ -133,21 +110,22 @@ class DiTBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
 
-    def _heads(self, projected: torch.Tensor) -> torch.Tensor:
-        """[B, L, H*hd] -> [B, L, H, hd]. Shapes come from the projection itself: under tensor
-        parallelism it holds this rank's heads only, under sequence parallelism the whole sequence
-        while x holds a slice of it."""
-        return projected.view(*projected.shape[:2], -1, self.head_dim)
+    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h -> q, k, v [B, L, H, hd] from one head-major projection [B, L, H*3*hd]. Shapes come
+        from the projection itself: under tensor parallelism it holds this rank's heads only, under
+        sequence parallelism the whole sequence while h holds a slice of it."""
+        projected = self.attn_qkv(h)
+        return projected.view(*projected.shape[:2], -1, 3, self.head_dim).unbind(dim=3)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        q, k = self._heads(self.attn_q(h)), self._heads(self.attn_k(h))
+        q, k, v = self._qkv(h)
         # The rotary tables follow q: the whole sequence even when x holds a slice of it.
         rope = rotary(q.shape[1], q.device)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        attn = attention(q, k, self._heads(self.attn_v(h)), self.attention_backend)
+        attn = attention(q, k, v, self.attention_backend)
         x = x + gate_msa * self.dropout(self.attn_out(attn.flatten(2)))
         return x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
@@ -159,13 +137,23 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(cfg.d_model, vocab_size)
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.d_model)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, features: bool = False) -> torch.Tensor:
+        """Logits [B, L, V]; with `features`, the input of the output projection `linear` instead
+        ([B, L, d], or this rank's slice of the sequence under sequence parallelism)."""
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        h = modulate(self.norm_final(x), shift, scale)
+        return h if features else self.linear(h)
 
 
 class DiT(nn.Module):
-    """tokens [B, L] (+ sigma [B]) -> logits [B, L, vocab_size] (raw: no mask suppression, no SUBS)."""
+    """tokens [B, L] (+ sigma [B]) -> logits [B, L, vocab_size] (raw: no mask suppression, no SUBS).
+
+    With `emit_features` set, the model returns the input of its output projection instead of
+    logits; a loss that applies `output_head` to a few tokens at a time then never holds the
+    B x L x V logits (pretrain/step.py). The sampler and every other caller get logits.
+    """
+
+    emit_features = False
 
     def __init__(self, cfg: DiTConfig, shape: ModelShape, device: torch.device | str | None = None):
         super().__init__()
@@ -195,6 +183,11 @@ class DiT(nn.Module):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
+    @property
+    def output_head(self) -> nn.Linear | None:
+        """The projection features -> logits (None on a pipeline stage without the output layer)."""
+        return None if self.output_layer is None else self.output_layer.linear
+
     def conditioning(self, sigma: torch.Tensor) -> torch.Tensor:
         """The vector c that drives every adaLN modulation. Without time conditioning sigma is zeroed
         (the network never sees t, as in every ProSeCo run) and c is a learned constant."""
@@ -203,7 +196,7 @@ class DiT(nn.Module):
         return F.silu(self.sigma_map(sigma))
 
     def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None):
-        """tokens [B, L] and sigma [B] -> logits [B, L, V].
+        """tokens [B, L] and sigma [B] -> logits [B, L, V] (features [B, L, d] with emit_features).
 
         A pipeline stage holds only some of the modules: without the embedding it takes the
         residual stream and the conditioning vector (x, c) instead, and without the output layer
@@ -219,7 +212,7 @@ class DiT(nn.Module):
             x = block(x, c, self.rotary_emb)
         if self.output_layer is None:
             return x, c
-        return self.output_layer(x, c)
+        return self.output_layer(x, c, features=self.emit_features)
 
 
 def forward_flops_per_sequence(cfg: DiTConfig, shape: ModelShape, seq_len: int | None = None) -> int:

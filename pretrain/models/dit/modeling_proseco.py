@@ -9,9 +9,10 @@ stages), and tests/test_convert.py checks that it returns that model's logits. O
 weight layouts of a folder, chosen by config.json's `weights_layout`:
 
 - "proseco-pretrain" (this framework's): the training model's parameter names under `backbone.`,
-  q, k and v apart, the vocabulary rows padded to `vocab_rows`;
-- "proseco-hf" (the paper's, kuleshov-group/proseco-owt): fused `attn_qkv` rows [q; k; v], the
-  embedding a bare `vocab_embed.embedding` parameter, `vocab_size` rows.
+  the fused `attn_qkv` rows head-major ([H, 3, head_dim]: each head's q, k, v), the vocabulary
+  rows padded to `vocab_rows`;
+- "proseco-hf" (the paper's, kuleshov-group/proseco-owt): fused `attn_qkv` rows [q; k; v]
+  ([3, H, head_dim]), the embedding a bare `vocab_embed.embedding` parameter, `vocab_size` rows.
 
 As the released models: the forward returns raw logits (the mask logit is not suppressed, SUBS
 is not applied), and `timesteps` is zeroed when `time_conditioning` is off.
@@ -109,12 +110,9 @@ class DiTBlock(nn.Module):
     def __init__(self, config: ProsecoConfig):
         super().__init__()
         d, hidden = config.hidden_dim, config.mlp_ratio * config.hidden_dim
-        self.n_heads, self.fused = config.n_heads, config.weights_layout == "proseco-hf"
+        self.n_heads, self.head_major = config.n_heads, config.weights_layout != "proseco-hf"
         self.norm1 = LayerNorm(d)
-        if self.fused:
-            self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
-        else:
-            self.attn_q, self.attn_k, self.attn_v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
         self.attn_out = nn.Linear(d, d, bias=False)
         self.norm2 = LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
@@ -122,9 +120,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * d)
 
     def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        projected = self.attn_qkv(h).chunk(3, dim=-1) if self.fused else (self.attn_q(h), self.attn_k(h),
-                                                                           self.attn_v(h))
-        return tuple(p.view(*p.shape[:2], self.n_heads, -1) for p in projected)
+        """q, k, v [B, L, H, hd]: the projection's last dimension is [H, 3, hd] or [3, H, hd]."""
+        projected = self.attn_qkv(h)
+        order = (self.n_heads, 3, -1) if self.head_major else (3, self.n_heads, -1)
+        return projected.unflatten(-1, order).unbind(dim=-2 if self.head_major else -3)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, 2)

@@ -2,8 +2,9 @@
 it can take. Applied from outside to the plain model in model.py (torchtitan's
 models/llama3/parallelize.py), with the generic pieces from parallel/.
 
-Tensor parallelism, per block: q/k/v and the first MLP layer column-wise (each rank holds whole
-heads and a slice of the MLP), the attention output and second MLP layer row-wise (one
+Tensor parallelism, per block: the fused q/k/v projection and the first MLP layer column-wise
+(its rows are head-major, so each rank holds whole heads with their q, k and v, and a slice of the
+MLP), the attention output and second MLP layer row-wise (one
 all-reduce each), the adaLN modulation column-wise with a gathered output. The input embedding is
 vocabulary-parallel and the output layer column-wise over the (padded) vocabulary, its logits left
 sharded for loss-parallel cross entropy and an exact vocabulary-parallel argmax.
@@ -23,17 +24,15 @@ with the config, before any process starts: `DiTConfig.layout_problems`.
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
+from parallel.apply import apply_parallelisms
 from parallel.config import ParallelConfig
-from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.mesh import Layout
 from parallel.tensor import sum_gradient_hook
+from pretrain.models import copy_with_stage_blocks
 from pretrain.models.dit.model import DiT
 
 
@@ -47,9 +46,8 @@ def apply_tensor_parallel(model: DiT, tp_mesh: DeviceMesh, sequence_parallel: bo
     group = tp_mesh.get_group()
     for block in model.blocks.values():
         plan = {
-            "attn_q": ColwiseParallel(input_layouts=stream),
-            "attn_k": ColwiseParallel(input_layouts=stream),
-            "attn_v": ColwiseParallel(input_layouts=stream),
+            # Rows head-major ([H, 3, hd]): contiguous row blocks are whole heads with their q, k, v.
+            "attn_qkv": ColwiseParallel(input_layouts=stream),
             "attn_out": RowwiseParallel(output_layouts=stream),
             "mlp.0": ColwiseParallel(input_layouts=stream),
             "mlp.2": RowwiseParallel(output_layouts=stream),
@@ -73,29 +71,15 @@ def apply_tensor_parallel(model: DiT, tp_mesh: DeviceMesh, sequence_parallel: bo
 
 
 def parallelize(model: DiT, layout: Layout, mesh: DeviceMesh | None, cfg: ParallelConfig) -> DiT:
-    """tp -> activation checkpointing -> data parallelism, in place (torchtitan's order)."""
-    if layout.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], cfg.sequence_parallel)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model.blocks.values())
-    if layout.dp > 1:
-        apply_fsdp(model, model.blocks.values(), mesh, cfg)
-        # FSDP2 warns (once per rank) that the model returns a view: nn.Linear on [B, L, d] gives
-        # a view of its 2-D product. It matters only to an in-place op on the logits, and the step
-        # never makes one (suppress_logits adds its bias out of place); a copy of the logits to
-        # quiet it would cost B x L x V floats every forward.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    """tp -> activation checkpointing -> compile -> data parallelism, in place (torchtitan's order)."""
+    apply_parallelisms(model, model.blocks.values(), layout, mesh, cfg,
+                       lambda tp_mesh, sequence_parallel: apply_tensor_parallel(model, tp_mesh, sequence_parallel))
     return model
 
 
 def build_stage(full: DiT, stage: int, counts: list[int]) -> DiT:
     """A copy of `full` keeping only what stage `stage` owns; parameter names are unchanged."""
-    part = copy.deepcopy(full)
-    first = sum(counts[:stage])
-    keep = {str(i) for i in range(first, first + counts[stage])}
-    for name in list(part.blocks.keys()):
-        if name not in keep:
-            del part.blocks[name]
+    part = copy_with_stage_blocks(full, stage, counts)
     if stage > 0:
         part.vocab_embed = None
         part.sigma_map = None
