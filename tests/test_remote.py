@@ -219,3 +219,19 @@ def test_training_from_a_url_resumes_after_the_server_was_gone(tmp_path: Path, m
         server.stop()
     assert train_losses(tmp_path / "remote") == train_losses(tmp_path / "local")
     assert sorted(train_losses(tmp_path / "local")) == list(range(1, 7))
+
+
+def test_a_size_request_to_a_server_that_is_down_is_retried_not_taken_for_a_missing_file(served) -> None:
+    """fsspec's HTTP client turns a refused connection into FileNotFoundError when asked for a
+    size: that must be retried and end in StorageError, never read as a missing (damaged) shard."""
+    from tokenizer.storage import Store
+
+    _, url, server = served
+    store = Store(url, FAST)
+    assert store.size("manifest.json") > 0
+    with pytest.raises(FileNotFoundError):
+        store.size("train/no-such-shard.tar")  # a real 404: missing at once, no retries
+    server.stop()
+    with pytest.raises(StorageError, match="after 3 attempts"):
+        store.size("train/shard-000002.tar")
+    server.start()

@@ -75,6 +75,17 @@ def _refused(err: Exception) -> bool:
     return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
 
 
+def _unreachable(err: FileNotFoundError) -> bool:
+    """fsspec's HTTP client reports any failed size request as FileNotFoundError; one raised from a
+    connection failure (no HTTP answer: refused, reset, timed out) says nothing about the file and is
+    retried like any transient error. A real 404 comes from an answer with a status."""
+    cause = err.__cause__
+    if cause is None or getattr(cause, "status", None) is not None:
+        return False
+    name = type(cause).__name__
+    return isinstance(cause, (OSError, TimeoutError)) or "Connection" in name or "Disconnected" in name
+
+
 class Store:
     """A folder (local path or URL) whose files are read whole or by byte range."""
 
@@ -179,7 +190,17 @@ class Store:
         for attempt in range(policy.retries + 1):
             try:
                 return call(fs)
-            except (FileNotFoundError, IsADirectoryError, PermissionError):
+            except FileNotFoundError as err:
+                if not _unreachable(err):
+                    raise
+                last = err
+                if attempt == policy.retries:
+                    break
+                wait = min(30.0, policy.backoff_s * 2 ** attempt)
+                logger.warning("%s: reading %s failed (server unreachable: %s); retry %d of %d in %.1f s", url, what,
+                               err.__cause__, attempt + 1, policy.retries, wait)
+                time.sleep(wait)
+            except (IsADirectoryError, PermissionError):
                 raise
             except (TypeError, AttributeError, NotImplementedError):
                 raise  # a bug or a client that cannot do this: retrying repeats it
