@@ -10,8 +10,17 @@ holds during the step above what it held before (model, gradients and batch alre
 every allocation and free recorded by torch.profiler's memory profiling, summed in time order:
 what torch.cuda.max_memory_allocated would say on a GPU, free of the C allocator's
 fragmentation that resident-memory figures include), and the bytes saved for backward (every
-tensor autograd packs, storages counted once, via saved_tensors_hooks; a checkpointed chunk
-keeps only a view of the features, which the forward holds anyway).
+tensor autograd packs, storages counted once, via saved_tensors_hooks; a chunk's fused projection
+and cross entropy keeps a view of the features, which the forward holds anyway, the head's
+weight and bias, which are parameters, and one log-normaliser per token).
+
+Reuse holds more than two_pass at the peak of backward here, by about the blocks' parameter
+bytes: its corrector forward on y uses the same parameters as the z_t forward, in a second graph
+that autograd backpropagates first, and a parameter's gradient is accumulated only once both
+graphs have delivered theirs, so the y graph's part waits in a buffer meanwhile. With the
+gradients already allocated (as here, and in every micro-batch after the first of a step) that
+buffer is extra; without, it becomes the gradient. Under FSDP2 it is the unsharded gradient
+(`proseco plan` counts it).
 
 Both with the blocks' activations stored (the default) and with activation checkpointing of the
 blocks (parallel.activation_checkpointing, rows ending in _ac): without it the blocks' saved

@@ -77,6 +77,7 @@ import torch.nn.functional as F
 
 from benchmarks.stats import TOO_WIDE, Rounds, add_round_arguments, paired_rounds, ratio_row, setting
 from benchmarks.step import CONFIG, SEQ_LEN, VOCAB, _batch, _objective
+from parallel.compile import apply_compile
 from parallel.runner import LocalRunner
 from pretrain.config import load_config
 from pretrain.convert.layouts import PAPER, to_folder
@@ -398,18 +399,24 @@ def measure(checkout: Path, min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_
     optimizer = build_optimizer(model, cfg.optim)
     official = build_official(diffusion, lightning, cfg, weights, corrector=True)
     official_mdlm = build_official(diffusion, lightning, cfg, weights, corrector=False)
+    # Ours with parallel.compile (each block through the inductor; compiled in the warm-up rounds).
+    compiled = _our_model(cfg)
+    apply_compile(compiled.blocks.values())
+    compiled_optimizer = build_optimizer(compiled, cfg.optim)
     if failure:
         _copy_before_subs(official_mdlm.module)
     batch, official_batch = _batch(micro), _official_batch(_batch(micro))
     objectives = {True: _objective(True, micro), False: _objective(False, micro)}
     cases = {
         "ours_reuse": lambda: _our_step(model, optimizer, batch, objectives[True], "reuse"),
+        "ours_reuse_compiled": lambda: _our_step(compiled, compiled_optimizer, batch, objectives[True], "reuse"),
         "official_reuse": lambda: _official_step(official, official_batch),
         "ours_two_pass": lambda: _our_step(model, optimizer, batch, objectives[True], "two_pass"),
         "ours_mdlm": lambda: _our_step(model, optimizer, batch, objectives[False], "reuse"),
         "official_mdlm": lambda: _official_step(official_mdlm, official_batch),
     }
-    pairs = [("ours_reuse", "official_reuse"), ("ours_two_pass", "official_reuse"), ("ours_mdlm", "official_mdlm"),
+    pairs = [("ours_reuse", "official_reuse"), ("ours_reuse_compiled", "official_reuse"),
+             ("ours_two_pass", "official_reuse"), ("ours_mdlm", "official_mdlm"),
              ("ours_reuse", "ours_mdlm"), ("ours_two_pass", "ours_mdlm"), ("official_reuse", "official_mdlm")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the official code's torch.cuda.amp deprecation, once per call
@@ -431,6 +438,9 @@ def _rows(cfg, micro: int, rounds: Rounds, checks: dict, failure: str | None, th
     specs = [
         ("ours_over_official_reuse", "ours_reuse", "official_reuse",
          "step time ours (reuse) / official ProSeCo step; target <= 0.80"),
+        ("ours_compiled_over_official_reuse", "ours_reuse_compiled", "official_reuse",
+         "step time ours (reuse, parallel.compile: blocks through torch.compile's inductor) / official ProSeCo step "
+         "(eager, as it ships)"),
         ("ours_over_official_two_pass", "ours_two_pass", "official_reuse",
          "step time ours (two_pass) / official ProSeCo step (which has only the reuse form)"),
         ("ours_over_official_mdlm", "ours_mdlm", "official_mdlm",

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 MODULES = ["loader", "streaming", "sharding", "step", "gemm_count", "official", "compile", "sampler", "comm",
-           "pipeline", "checkpoint", "convert", "faults", "zero", "memory"]
+           "pipeline", "checkpoint", "convert", "faults", "zero", "memory", "build_memory"]
 DOCS = Path("docs")
 
 

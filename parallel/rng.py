@@ -23,6 +23,7 @@ STREAM_T = 1
 STREAM_MASK = 2
 STREAM_CORRECTOR_SAMPLE = 3
 STREAM_SAMPLER = 4
+STREAM_LABEL_DROPOUT = 5  # classifier-free guidance: which labels become the null class
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:

@@ -179,12 +179,86 @@ def project_vocab(features: torch.Tensor, head: nn.Linear, bias: torch.Tensor) -
     if isinstance(weight, DTensor):
         local = weight.to_local()
         offset = weight.device_mesh.get_local_rank() * local.shape[0]  # even split (the vocabulary is padded)
-        shift = bias[offset: offset + local.shape[0]]
-        own = head.bias.to_local() if head.bias is not None else None
-        folded = shift.to(local.dtype) if own is None else own + shift.to(own.dtype)
-        logits = F.linear(features, local, folded).float()
+        logits = F.linear(features, local, _folded_bias(head, local, bias, offset)).float()
         return DTensor.from_local(logits, weight.device_mesh, [Shard(logits.ndim - 1)], run_check=False)
     if weight.numel() == 0:
         return add_vocab_bias(head(features).float(), bias)
-    folded = bias.to(weight.dtype) if head.bias is None else head.bias + bias.to(head.bias.dtype)
-    return F.linear(features, weight, folded).float()
+    return F.linear(features, weight, _folded_bias(head, weight, bias, 0)).float()
+
+
+def _folded_bias(head: nn.Linear, local: torch.Tensor, bias: torch.Tensor, offset: int) -> torch.Tensor:
+    """This rank's slice of `bias` added to the head's own bias (differentiable in the latter)."""
+    shift = bias[offset: offset + local.shape[0]]
+    own = head.bias.to_local() if isinstance(head.bias, DTensor) else head.bias
+    return shift.to(local.dtype) if own is None else own + shift.to(own.dtype)
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would multiply `tensor` in: autocast's when it is on, else its own."""
+    kind = tensor.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype
+
+
+class _ProjectedCrossEntropy(torch.autograd.Function):
+    """-log softmax(x W^T + b)[target] for some tokens, the output projection fused in, over the
+    whole vocabulary or this rank's slice of it (`group`: three all-reduces of [N] vectors, as
+    in loss parallelism). Saves only its inputs and the log-normaliser: backward recomputes the
+    logits and turns them, in place, into their gradient, so one [N, V] buffer is live where
+    autograd's projection plus cross entropy keeps the logits, the log-softmax and two gradients.
+    Also returns the fp32 logits, without gradient, for the argmax or draw taken from them."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, target, offset: int, group):
+        dtype = _compute_dtype(weight)
+        with torch.autocast(features.device.type, enabled=False):
+            logits = F.linear(features.to(dtype), weight.to(dtype), bias.to(dtype)).float()
+        top = logits.max(-1).values
+        if group is not None:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        total = (logits - top[:, None]).exp_().sum(-1)
+        owned = (target >= offset) & (target < offset + logits.shape[-1])
+        column = (target - offset).clamp(0, logits.shape[-1] - 1)
+        picked = logits.gather(-1, column[:, None])[:, 0] * owned
+        if group is not None:
+            dist.all_reduce(total, group=group)
+            dist.all_reduce(picked, group=group)
+        log_normaliser = top + total.log()
+        ctx.save_for_backward(features, weight, bias, log_normaliser, owned, column)
+        ctx.dtype = dtype
+        ctx.mark_non_differentiable(logits)
+        ctx.set_materialize_grads(False)  # no [N, V] zeros for the logits' (absent) gradient
+        return log_normaliser - picked, logits
+
+    @staticmethod
+    def backward(ctx, grad_nll, _grad_logits):
+        if grad_nll is None:  # the loss never used these tokens' -log p
+            return None, None, None, None, None, None
+        features, weight, bias, log_normaliser, owned, column = ctx.saved_tensors
+        dtype = ctx.dtype
+        x, w = features.to(dtype), weight.to(dtype)
+        with torch.autocast(features.device.type, enabled=False):
+            grad = F.linear(x, w, bias.to(dtype)).float()
+        grad.sub_(log_normaliser[:, None]).exp_()  # softmax
+        grad.scatter_add_(-1, column[:, None], -owned[:, None].to(grad.dtype))
+        grad = grad.mul_(grad_nll[:, None]).to(dtype)
+        grad_features = (grad @ w).to(features.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad.t() @ x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
+        return grad_features, grad_weight, grad_bias, None, None, None
+
+
+def projected_nll(features: torch.Tensor, head: nn.Linear, bias: torch.Tensor,
+                  target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log p(target) per token of head(features) + bias[V] ([N, d] -> [N]), and those fp32
+    logits without gradient (a vocabulary-sharded DTensor under tensor parallelism, as
+    `project_vocab` returns them), computed by one fused function that never keeps the logits
+    for backward. The head's weight must be materialised (not partitioned by ZeRO-3)."""
+    weight = head.weight
+    if isinstance(weight, DTensor):
+        local = weight.to_local()
+        mesh = weight.device_mesh
+        offset = mesh.get_local_rank() * local.shape[0]  # even split (the vocabulary is padded)
+        nll, logits = _ProjectedCrossEntropy.apply(features, local, _folded_bias(head, local, bias, offset), target,
+                                                   offset, mesh.get_group())
+        return nll, DTensor.from_local(logits, mesh, [Shard(logits.ndim - 1)], run_check=False)
+    return _ProjectedCrossEntropy.apply(features, weight, _folded_bias(head, weight, bias, 0), target, 0, None)

@@ -3,6 +3,7 @@
     proseco config show|docs          the resolved config / the config reference
     proseco tokenizer train|shard     text -> tokenizer -> token shards
     proseco train CONFIG [a.b=v ...]  pretrain (one process, torchrun, srun or deepspeed)
+    proseco plan CONFIG --world-size N --device-memory GB   memory per rank and step time of a layout
     proseco convert export|import     checkpoints to and from Hugging Face folders
 
 Subcommands live next to the code they run; each module registers its own parser so that

@@ -66,8 +66,10 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
     """The sampler flags the user gave, as SamplingConfig fields."""
     names = ("steps", "batch_size", "nucleus_p", "corrector_steps", "corrector_every", "corrector_start_iter",
              "corrector_sampling", "corrector_top_k", "corrector_prior", "block_length", "temperature", "seed",
-             "unmasking", "nucleus_cache")
+             "unmasking", "nucleus_cache", "guidance")
     chosen = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.sample_class is not None:
+        chosen["label"] = args.sample_class
     if args.no_cache:
         chosen["use_cache"] = False
     if args.float32:
@@ -81,8 +83,11 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
 
 def _grid_sampling_overrides(args: argparse.Namespace) -> dict:
     """The sampler flags of `eval` and `sweep` (the grid sets steps and corrector settings)."""
-    return {name: getattr(args, name) for name in ("nucleus_p", "unmasking", "nucleus_cache")
-            if getattr(args, name) is not None}
+    chosen = {name: getattr(args, name) for name in ("nucleus_p", "unmasking", "nucleus_cache")
+              if getattr(args, name) is not None}
+    if getattr(args, "sample_class", None) is not None:  # sweep only
+        chosen["label"] = args.sample_class
+    return chosen
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -157,7 +162,7 @@ def _sweep(args: argparse.Namespace) -> None:
         if not args.checkpoint:
             raise SystemExit("proseco sweep: give --checkpoint (one or more) or --merge DIR ...")
         device = pick_device(args.device, 0)
-        points = make_grid(args.steps, args.corrector_steps, args.corrector_every)
+        points = make_grid(args.steps, args.corrector_steps, args.corrector_every, args.guidance)
         overrides = _grid_sampling_overrides(args)
         labels = args.label or []
         if labels and len(labels) != len(args.checkpoint):
@@ -207,11 +212,69 @@ def _label(args: argparse.Namespace) -> None:
     print(f"labels/{args.property}: {info['rule']}, threshold {info['threshold']:.4g}; {splits}")
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """Memory per rank and step time of the config's layout on --world-size devices; exit 1 when
+    the busiest rank does not fit --device-memory."""
+    from pretrain.plan import Assumptions, plan_config
+    from pretrain.plan.report import alternatives, describe
+    from pretrain.plan.timing import Links
+
+    if args.device_memory <= args.reserve or min(args.peak_tflops, args.mfu, args.intra_node_gbs,
+                                                 args.inter_node_gbs, args.devices_per_node) <= 0:
+        raise UserError(f"--device-memory ({args.device_memory:g} GiB) must exceed --reserve ({args.reserve:g} GiB), "
+                        "and --peak-tflops, --mfu, the link bandwidths and --devices-per-node must be positive")
+    cfg = load_config(*split_config_args(args.config, args.overrides))
+    links = Links(args.intra_node_gbs, args.inter_node_gbs, args.devices_per_node)
+    assumptions = Assumptions(device_memory_gb=args.device_memory, reserve_gb=args.reserve,
+                              peak_tflops=args.peak_tflops, mfu=args.mfu, links=links, device=args.device)
+    plan = plan_config(cfg, args.world_size, assumptions)
+    print(describe(plan))
+    if plan.fits:
+        print("fits")
+        return 0
+    over = plan.busiest.total / 2**30 - (args.device_memory - args.reserve)
+    print(f"DOES NOT FIT: pipeline rank {plan.busiest.pp_rank} needs {over:.2f} GiB more than the "
+          f"{args.device_memory - args.reserve:.1f} GiB usable; change one of:", file=sys.stderr)
+    print("\n".join(alternatives(plan, args.world_size, assumptions)) or "  (no single change fits: more devices)",
+          file=sys.stderr)
+    return 1
+
+
+def _add_plan_command(sub: argparse._SubParsersAction) -> None:
+    from pretrain.plan import Assumptions
+
+    defaults = Assumptions()
+    plan = sub.add_parser("plan", help="memory per rank and step time of a layout, before any job is queued")
+    plan.add_argument("config", nargs="?", help="YAML run config (omit for the defaults)")
+    plan.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. parallel.tp=2")
+    plan.add_argument("--world-size", type=int, required=True, help="devices the run would be launched on")
+    plan.add_argument("--device-memory", type=float, required=True, help="memory of one device, GiB (80 for an H100)")
+    plan.add_argument("--peak-tflops", type=float, default=defaults.peak_tflops,
+                      help=f"dense peak of one device, TFLOP/s (default {defaults.peak_tflops:g}: H100 SXM bf16)")
+    plan.add_argument("--mfu", type=float, default=defaults.mfu,
+                      help=f"share of the peak the kernels reach (default {defaults.mfu:g})")
+    plan.add_argument("--reserve", type=float, default=defaults.reserve_gb,
+                      help=f"GiB of each device not for tensors: CUDA context, NCCL, fragmentation "
+                           f"(default {defaults.reserve_gb:g})")
+    plan.add_argument("--intra-node-gbs", type=float, default=defaults.links.intra_node,
+                      help=f"GB/s per device within a node (default {defaults.links.intra_node:g}: NVLink 4)")
+    plan.add_argument("--inter-node-gbs", type=float, default=defaults.links.inter_node,
+                      help=f"GB/s per device between nodes (default {defaults.links.inter_node:g}: a 400 Gb/s NIC)")
+    plan.add_argument("--devices-per-node", type=int, default=defaults.links.devices_per_node)
+    plan.add_argument("--device", choices=["cuda", "cpu"], default=defaults.device,
+                      help="where the run trains (on CPU dropout masks take the activation dtype)")
+    plan.set_defaults(func=_plan)
+
+
 def _add_unmasking_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unmasking", choices=["posterior", "confidence"],
                         help="which masked positions a step unmasks: MDLM's posterior, or the most confident")
     parser.add_argument("--nucleus-cache", choices=["once", "official"],
                         help="a reused forward's distribution is filtered once, or again at every reuse (official)")
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -220,6 +283,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=100")
     train.add_argument("--print-result", action="store_true", help="print the final validation metrics as JSON")
     train.set_defaults(func=_train)
+    _add_plan_command(sub)
 
     sample = sub.add_parser("sample", help="draw samples with the ProSeCo sampler from a checkpoint")
     sample.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (latest checkpoint)")
@@ -239,6 +303,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--early-eos-stop", action="store_true", help="block mode: a sample stops at a block "
                         "ending in EOS (as LLaDA's harness)")
     _add_unmasking_arguments(sample)
+    sample.add_argument("--class", dest="sample_class", type=int, help="the class to sample (sampling.label; a model "
+                        "trained with data.labels)")
+    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale gamma with --class "
+                        "(sampling.guidance; 1 = the conditional model)")
     sample.add_argument("--prompt", help="text to condition on (kept fixed as the prefix)")
     sample.add_argument("--seed", type=int)
     sample.add_argument("--no-cache", action="store_true", help="recompute every forward (same samples, more NFE)")
@@ -279,6 +347,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--batch-size", type=int, help="samples generated at once (default: all)")
     sweep.add_argument("--nucleus-p", type=float)
     _add_unmasking_arguments(sweep)
+    sweep.add_argument("--class", dest="sample_class", type=int, help="the class every point samples (sampling.label; "
+                       "models trained with data.labels)")
+    sweep.add_argument("--guidance", type=_float_list, default=[1.0], help="guidance scales gamma with --class, "
+                       "e.g. 1,2,3 (default 1: the conditional model)")
     sweep.add_argument("--seed", type=int, default=0, help="sampler seed, the same for every grid point")
     sweep.add_argument("--no-novelty", action="store_true", help="SMILES: skip the training set (no novelty)")
     sweep.add_argument("--fcd", action="store_true", help="SMILES: also the FCD to held-out molecules (the fcd "

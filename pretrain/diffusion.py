@@ -5,6 +5,11 @@ clean at time t, so it is masked with probability 1 - exp(-sigma(t)). The MDLM l
 position is -log p(x0 | z_t) times dsigma / expm1(sigma), which is exactly 1/t for the loglinear
 schedule. Every loss here is returned per token and summed by the caller, which divides by the
 number of tokens of the whole global batch (the official reduction, made layout independent).
+
+Supervised fine-tuning (a batch with ``prompt_length``, from a shard folder written with
+``--packing sft``) follows LLaDA's SFT: the prompt is never masked and never in either loss (the
+corrector's input keeps it too), and each sample's terms are divided by its response length
+(`response_weights`).
 """
 
 from __future__ import annotations
@@ -98,16 +103,49 @@ class Noised:
     zt: torch.Tensor          # masked tokens [B, L]
     sigma: torch.Tensor       # [B]
     weight: torch.Tensor      # dsigma / expm1(sigma), [B]
-    token_mask: torch.Tensor  # float [B, L]: 1 where the token counts (valid samples), else 0
+    token_mask: torch.Tensor  # float [B, L]: how much each token counts (0: not at all); sums to L per valid sample
+    prompt: torch.Tensor | None = None  # bool [B, L]: True on prompt tokens (SFT), which stay clean everywhere
 
 
 def add_noise(x0: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, *, cfg: DiffusionConfig,
-              schedule: NoiseSchedule, mask_id: int, seed: int, global_batch_size: int, eps: float) -> Noised:
+              schedule: NoiseSchedule, mask_id: int, seed: int, global_batch_size: int, eps: float,
+              prompt_length: torch.Tensor | None = None) -> Noised:
+    """The forward process on a batch. With `prompt_length` [B] (SFT) the first prompt_length
+    tokens of each sample are its prompt: never masked and weighted 0, the response weighted by
+    `response_weights`; the noise level t is the sample's as always, so it masks response tokens only."""
     t = sample_t(seed, positions, global_batch_size, eps, cfg.antithetic_sampling)
     sigma, dsigma = schedule(t)
     zt = mask_tokens(x0, -torch.expm1(-sigma), mask_id, seed, positions)
-    token_mask = valid[:, None].float().expand_as(x0)
-    return Noised(x0=x0, zt=zt, sigma=sigma, weight=loss_weight(sigma, dsigma), token_mask=token_mask)
+    prompt = None
+    if prompt_length is None:
+        token_mask = valid[:, None].float().expand_as(x0)
+    else:
+        prompt, token_mask = response_weights(prompt_length, valid, x0.shape[1])
+        zt = torch.where(prompt, x0, zt)
+    return Noised(x0=x0, zt=zt, sigma=sigma, weight=loss_weight(sigma, dsigma), token_mask=token_mask, prompt=prompt)
+
+
+def response_weights(prompt_length: torch.Tensor, valid: torch.Tensor,
+                     length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt [B, L] bool, token weights [B, L]) of SFT samples: 0 on the prompt and L / (L -
+    prompt_length) on each response token, EOS padding included.
+
+    LLaDA's SFT (its GUIDELINES.md, the only published form of its SFT loss) divides each sample's
+    masked-token terms by that sample's answer length (padding EOS included) and averages over the
+    batch: mean_b [sum_{masked l} CE / t / answer_b]. The caller divides the summed terms by L
+    per valid sample (`pretrain.train`: valid samples x L), so weighting a response token by
+    L / answer_b gives exactly that average, on every layout; the corrector term is normalised
+    the same way (the official ProSeCo code normalises both terms alike)."""
+    positions = torch.arange(length, device=prompt_length.device)
+    prompt = positions[None, :] < prompt_length[:, None]
+    answer = (length - prompt_length).clamp(min=1).float()
+    weights = (~prompt).float() * (length / answer)[:, None] * valid[:, None].float()
+    return prompt, weights
+
+
+def keep_prompt(y: torch.Tensor, noised: Noised) -> torch.Tensor:
+    """The corrector input with the prompt's clean tokens (SFT; y itself without a prompt)."""
+    return y if noised.prompt is None else torch.where(noised.prompt, noised.x0, y)
 
 
 def corrector_input(scores: torch.Tensor, noised: Noised, cfg: DiffusionConfig, mask_id: int, seed: int,
@@ -117,10 +155,11 @@ def corrector_input(scores: torch.Tensor, noised: Noised, cfg: DiffusionConfig, 
     argmax (the paper) or a categorical sample of the mask-suppressed logits `scores`; at every
     position (corrector_input=all, the released runs: no carry-over, so even unmasked tokens may
     change) or only at masked positions with the clean tokens elsewhere (corrector_input=masked).
+    An SFT prompt stays as it is in either case (`keep_prompt`).
     """
     token_index = torch.arange(scores.shape[1], device=noised.x0.device)
-    return draw_corrector_input(scores, noised.x0, noised.zt, positions[:, None], token_index[None, :], cfg,
-                                mask_id, seed)
+    return keep_prompt(draw_corrector_input(scores, noised.x0, noised.zt, positions[:, None], token_index[None, :],
+                                            cfg, mask_id, seed), noised)
 
 
 def draw_corrector_input(scores: torch.Tensor, x0: torch.Tensor, zt: torch.Tensor, sample_position: torch.Tensor,

@@ -56,13 +56,18 @@ def write_sample_report(run_dir: Path, device: torch.device) -> str:
     """Sample from the run's latest checkpoint (EMA weights), write run_dir/samples.md and
     run_dir/samples.jsonl, print the table and return it."""
     run_dir = Path(run_dir)
+    from pretrain.sft import is_sft_folder, sft_sample_report
+
     model, cfg, tokenizer = load_model(run_dir, device)
-    # Novelty too: canonicalising the training molecules costs seconds at QM9's size (8 s for
-    # 124k on 2 cores, cached in run_dir/cache), and without it a sampler that reproduces its
-    # training set would look as good as one that invents. No warning when the trigram judge is
-    # missing: the report is a glance at the run, the sweeps are the measurement.
-    scorer = build_scorer(cfg, tokenizer, run_dir, log=lambda message: None)
-    table, rows = sample_report(model, cfg, tokenizer, scorer, device)
+    if is_sft_folder(cfg.data.shards):  # an SFT run is judged by its answers to held-out prompts
+        table, rows = sft_sample_report(model, cfg, tokenizer, device)
+    else:
+        # Novelty too: canonicalising the training molecules costs seconds at QM9's size (8 s for
+        # 124k on 2 cores, cached in run_dir/cache), and without it a sampler that reproduces its
+        # training set would look as good as one that invents. No warning when the trigram judge is
+        # missing: the report is a glance at the run, the sweeps are the measurement.
+        scorer = build_scorer(cfg, tokenizer, run_dir, log=lambda message: None)
+        table, rows = sample_report(model, cfg, tokenizer, scorer, device)
     atomic_write_text(run_dir / "samples.md", table + "\n")
     atomic_write_text(run_dir / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     print("samples (EMA weights):\n" + table, flush=True)

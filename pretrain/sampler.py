@@ -17,6 +17,14 @@ Caching and NFE accounting are per sample: a sample whose input did not change s
 forward reuses that forward (no NFE), so the counts are what the official code reports with batch
 size 1, whatever the batch size here; a corrector that reached a fixed point costs no further
 forward. A prompt (fixed prefix) is never rewritten.
+
+Classifier-free guidance (a model trained with data.labels; sampling.label, sampling.guidance =
+gamma): the denoiser's log-probabilities are gamma * log p(x | label) + (1 - gamma) * log p(x |
+null), renormalised (`guided_scores`, the official `_cfg_denoise`); gamma = 1 is the conditional
+model alone. The corrector, and the prior it starts from, use the conditional branch only, and the
+unmasking that follows a loop draws from the corrector's conditional distribution (gamma is
+effectively 1 there), as the official sampler; a later step that reuses the cache mixes the
+corrector's distribution with the last unconditional one, as the official cache does.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torch import nn
 
 from pretrain.config import RunConfig, SamplingConfig
 from pretrain.diffusion import NoiseSchedule, suppress_logits
+from pretrain.errors import ConfigError
 from tokenizer.tokenizers import Tokenizer
 
 FINAL_EPS = 1e-5  # the official sampler ends at t = 1e-5, not at the training eps
@@ -79,18 +88,37 @@ def write_back(x: torch.Tensor, y: torch.Tensor, fixed: torch.Tensor, mask_id: i
     return torch.where((x != mask_id) & ~fixed, y, x)
 
 
+def guided_scores(cond: torch.Tensor, uncond: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Classifier-free guidance on the denoiser's (mask-suppressed) scores: gamma * log p_cond +
+    (1 - gamma) * log p_uncond, the official code's mix of log-probabilities (softmax renormalises
+    it wherever it is sampled). The suppressed entries stay finite (NEG_INF, not -inf), so no
+    inf - inf arises."""
+    cond, uncond = torch.log_softmax(cond, -1), torch.log_softmax(uncond, -1)
+    return gamma * cond + (1.0 - gamma) * uncond
+
+
 class Sampler:
     """Draws samples from a denoiser (plain or EMA weights: the caller chooses) with ProSeCo loops."""
 
     def __init__(self, model: nn.Module, cfg: SamplingConfig, *, mask_id: int, vocab_size: int, seq_len: int,
                  schedule: NoiseSchedule, time_conditioning: bool = False, device: torch.device | None = None,
-                 autocast: torch.autocast | None = None, eos_id: int | None = None):
+                 autocast: torch.autocast | None = None, eos_id: int | None = None, num_classes: int = 0):
         self.model, self.cfg = model, cfg
         self.mask_id, self.vocab_size, self.seq_len, self.eos_id = mask_id, vocab_size, seq_len, eos_id
         self.schedule, self.time_conditioning = schedule, time_conditioning
         self.device = device or next(model.parameters()).device
         self.dtype = torch.float64 if cfg.float64 else torch.float32  # of the sampled probabilities
         self.autocast = autocast
+        # ConfigError: `proseco sweep` and scripts reach the sampler without validate(); the CLI prints it.
+        if cfg.label is not None and not 0 <= cfg.label < num_classes:
+            raise ConfigError(f"sampling.label={cfg.label} is not a class of this model (model.num_classes="
+                             f"{num_classes}): choose one of 0..{num_classes - 1}, or null" if num_classes else
+                             f"sampling.label={cfg.label} needs a model trained on labels (data.labels)")
+        if cfg.guidance != 1.0 and cfg.label is None:
+            raise ConfigError(f"sampling.guidance={cfg.guidance} needs sampling.label (the class to guide towards)")
+        self.label = cfg.label  # the conditional branch's class (None: the model's own default, the null class)
+        self.null_class = num_classes  # the unconditional branch
+        self.guided = cfg.guidance != 1.0
 
     @classmethod
     def for_run(cls, model: nn.Module, cfg: RunConfig, tokenizer: Tokenizer, sampling: SamplingConfig,
@@ -99,36 +127,69 @@ class Sampler:
         time conditioning, with the sampler settings `sampling` (the run's own or changed ones)."""
         return cls(model, sampling, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                    seq_len=cfg.model.seq_len, schedule=NoiseSchedule(cfg.diffusion),
-                   time_conditioning=cfg.model.time_conditioning, device=device, eos_id=tokenizer.eos_id)
+                   time_conditioning=cfg.model.time_conditioning, device=device, eos_id=tokenizer.eos_id,
+                   num_classes=getattr(cfg.model, "num_classes", None) or 0)
 
     # -- forwards (the only place NFEs are spent) ------------------------------------------------
 
     @torch.no_grad()
-    def _logits(self, x: torch.Tensor, rows: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Raw fp32 logits of the selected rows; sigma is ignored without time conditioning."""
-        tokens = x[rows]
-        sigmas = torch.full((tokens.shape[0],), sigma, device=x.device)
+    def _forward(self, tokens: torch.Tensor, sigma: float, labels: torch.Tensor | None) -> torch.Tensor:
+        """fp32 logits of `tokens` with the mask and padding suppressed (sigma is ignored without
+        time conditioning). Softmax is taken only where a position is actually sampled; SUBS's
+        carry-over is applied where it matters (unmasked tokens are kept as they are)."""
+        inputs = (tokens, torch.full((tokens.shape[0],), sigma, device=tokens.device))
+        inputs += () if labels is None else (labels,)
         if self.autocast is not None:
             with self.autocast:
-                return self.model(tokens, sigmas).float()
-        return self.model(tokens, sigmas).float()
+                logits = self.model(*inputs).float()
+        else:
+            logits = self.model(*inputs).float()
+        return suppress_logits(logits, self.mask_id, self.vocab_size)
+
+    def _classes(self, count: int, label: int | None) -> torch.Tensor | None:
+        return None if label is None else torch.full((count,), label, dtype=torch.long, device=self.device)
 
     def _scores(self, x: torch.Tensor, rows: torch.Tensor, sigma: float) -> torch.Tensor:
-        """fp32 logits of the selected rows with the mask and padding suppressed. Softmax is taken
-        only where a position is actually sampled; SUBS's carry-over is applied where it matters
-        (unmasked tokens are kept as they are)."""
-        return suppress_logits(self._logits(x, rows, sigma), self.mask_id, self.vocab_size)
+        """The conditional model's scores of the selected rows: what the corrector (and, without
+        guidance, the denoiser) uses."""
+        tokens = x[rows]
+        return self._forward(tokens, sigma, self._classes(tokens.shape[0], self.label))
+
+    def _branches(self, x: torch.Tensor, rows: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The denoiser's conditional and (with guidance) unconditional scores of the selected rows.
+
+        Both branches run as one forward of twice the rows ([label; null]) and count as one NFE,
+        as in the official code, which adds one denoising NFE per step before `_cfg_denoise`
+        runs its two forwards: they are one network evaluation per step in latency (here literally
+        one batched call), though twice its FLOPs."""
+        if not self.guided:
+            return self._scores(x, rows, sigma), None
+        tokens = x[rows]
+        count = tokens.shape[0]
+        labels = torch.cat([self._classes(count, self.label), self._classes(count, self.null_class)])
+        both = self._forward(torch.cat([tokens, tokens]), sigma, labels)
+        return both[:count], both[count:]
+
+    def _denoise(self, x: torch.Tensor, rows: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores to unmask from, conditional scores) of the selected rows: the guided mix with
+        guidance, the conditional model's scores (the same tensor twice) without."""
+        cond, uncond = self._branches(x, rows, sigma)
+        return (cond if uncond is None else guided_scores(cond, uncond, self.cfg.guidance)), cond
+
+    @staticmethod
+    def _put(buffer: torch.Tensor | None, rows: torch.Tensor, computed: torch.Tensor, batch: int) -> torch.Tensor:
+        """`buffer` (all rows of a batch) with the selected rows replaced. The buffer is allocated
+        at the first forward, whose output says how many vocabulary rows the model has (the real
+        vocabulary, or more when padded for tensor parallelism)."""
+        if buffer is None:
+            buffer = computed.new_empty((batch, *computed.shape[1:]))
+        buffer[rows] = computed
+        return buffer
 
     def _refresh(self, scores: torch.Tensor | None, x: torch.Tensor, rows: torch.Tensor,
                  sigma: float) -> torch.Tensor:
-        """`scores` of all rows of x with the selected rows recomputed. The buffer is allocated at
-        the first forward, whose output says how many vocabulary rows the model has (the real
-        vocabulary, or more when padded for tensor parallelism)."""
-        computed = self._scores(x, rows, sigma)
-        if scores is None:
-            scores = computed.new_empty((x.shape[0], *computed.shape[1:]))
-        scores[rows] = computed
-        return scores
+        """Conditional `scores` of all rows of x with the selected rows recomputed."""
+        return self._put(scores, rows, self._scores(x, rows, sigma), x.shape[0])
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -251,7 +312,10 @@ class Sampler:
         cfg, steps, batch = self.cfg, self.cfg.steps, x.shape[0]
         nfe_den = torch.zeros(batch, dtype=torch.long, device=x.device)
         nfe_cor = torch.zeros_like(nfe_den)
-        scores = None  # allocated by the first step, which forwards every row
+        # Allocated by the first step, which forwards every row: the scores unmasking draws from,
+        # the conditional ones the corrector's prior comes from (the same without guidance), and
+        # with guidance the unconditional ones, kept for a cached step after a corrector loop.
+        scores = cond = uncond = None
         fresh = torch.zeros(batch, dtype=torch.bool, device=x.device)  # scores[row] belong to x[row]
         # The denoiser's distribution carries unmasked tokens over (SUBS); a cached corrector
         # distribution (after a loop, as the official cache) does not.
@@ -267,8 +331,15 @@ class Sampler:
             sigma = float(self.schedule(torch.tensor(t, dtype=torch.float64))[0])
             need = ~fresh
             if need.any():
-                scores = self._refresh(scores, x, need, sigma)
-                nfe_den[need] += 1
+                computed_cond, computed_uncond = self._branches(x, need, sigma)
+                cond = self._put(cond, need, computed_cond, batch)
+                if computed_uncond is None:
+                    scores = cond
+                else:
+                    uncond = self._put(uncond, need, computed_uncond, batch)
+                    scores = self._put(scores, need, guided_scores(computed_cond, computed_uncond, cfg.guidance),
+                                       batch)
+                nfe_den[need] += 1  # both guidance branches: one NFE (_branches)
                 carry |= need
                 filtered[need] = 0
             if cfg.nucleus_cache == "official":
@@ -278,17 +349,22 @@ class Sampler:
                 x_next = self._unmask(scores, x, t, s, generator)
             if cfg.corrector_steps > 0 and (i + 1) % cfg.corrector_every == 0 and i + 1 >= cfg.corrector_start_iter:
                 kept = (x != self.mask_id) & carry[:, None]
+                # The corrector starts from the conditional branch (the official cache key log_x_theta_cond).
                 if cfg.corrector_prior == "argmax":
-                    prior = torch.where(kept, x, scores.argmax(-1))
+                    prior = torch.where(kept, x, cond.argmax(-1))
                 else:
-                    prior = self._draw(scores, ~kept, x, generator)
+                    prior = self._draw(cond, ~kept, x, generator)
                 y, corrector_scores = self._corrector_loop(torch.where(fixed, x, prior), fixed, sigma, nfe_cor,
                                                            generator)
                 x = write_back(x, y, fixed, self.mask_id)
                 # The unmasking of this step is drawn from the corrector's distribution instead
                 # (filtered once; the official sampler caches it unfiltered).
                 x_next = self._unmask(corrector_scores, x, t, s, generator)
-                scores, carry, filtered = corrector_scores, torch.zeros_like(carry), torch.zeros_like(filtered)
+                # The corrector's distribution replaces the conditional branch in the cache; with
+                # guidance a cached next step mixes it with the last unconditional one (as official).
+                cond = corrector_scores
+                scores = corrector_scores if uncond is None else guided_scores(corrector_scores, uncond, cfg.guidance)
+                carry, filtered = torch.zeros_like(carry), torch.zeros_like(filtered)
             fresh = (x_next == x).all(-1) if cache else torch.zeros_like(fresh)
             x = x_next
             if progress is not None:
@@ -296,7 +372,7 @@ class Sampler:
         if cfg.denoise_final:
             left = (x == self.mask_id).any(-1)
             if left.any():
-                final = self._scores(x, left, 0.0).argmax(-1)
+                final = self._denoise(x, left, 0.0)[0].argmax(-1)
                 x[left] = torch.where(x[left] == self.mask_id, final, x[left])
                 nfe_den[left] += 1
         return SampleResult(x, nfe_den, nfe_cor)
@@ -351,12 +427,12 @@ class Sampler:
         of the block take their proposal. NFEs are added to the rows' counters."""
         all_rows = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         positions = torch.arange(self.seq_len, device=x.device)
-        scores = self._scores(x, all_rows, 0.0)
-        nfe_den[rows] += 1
+        scores, cond = self._denoise(x, all_rows, 0.0)
+        nfe_den[rows] += 1  # both guidance branches: one NFE (_branches)
         selectable = (x == self.mask_id) & (positions < hi)
         if self.cfg.corrector_steps > 0 and corrects:
             nfe = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            x, scores = self._block_corrector(x, scores, selectable, fixed, hi, nfe)
+            x, scores = self._block_corrector(x, cond, selectable, fixed, hi, nfe)  # the conditional branch
             nfe_cor[rows] += nfe
         if self.cfg.temperature > 0:
             proposal = sample_categorical(torch.softmax(scores.to(self.dtype) / self.cfg.temperature, -1), generator)

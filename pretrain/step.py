@@ -17,8 +17,9 @@ Every rank computes the masks itself (keyed randomness), so only y and activatio
 The logits are never held whole (diffusion.loss_chunk_tokens > 0, the default): the model's last
 stage returns its final features, and each pass's loss terms (-log p(x0) per token, pass 1's y,
 the corrector's argmax) are computed `loss_chunk_tokens` tokens at a time, the output projection
-fused in (and vocabulary-parallel under tensor parallelism), each chunk under activation
-checkpointing so that backward recomputes its logits instead of keeping them. Losses are per
+fused in (and vocabulary-parallel under tensor parallelism) by a function that keeps only the
+features and the log-normaliser for backward, which recomputes the chunk's logits and turns them
+in place into their gradient: one chunk's logits are live at a time. Losses are per
 token and the sampling noise is keyed by global position, so chunks give the whole-logits
 results (the same argmaxes and draws, losses and gradients to fp32 rounding).
 """
@@ -33,7 +34,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from parallel.tensor import gather_head_input, project_vocab, vocab_argmax
+from parallel.rng import STREAM_LABEL_DROPOUT, keyed_uniform
+from parallel.tensor import gather_head_input, project_vocab, projected_nll, vocab_argmax
 from pretrain.config import DiffusionConfig
 from pretrain.diffusion import (
     Losses,
@@ -42,6 +44,7 @@ from pretrain.diffusion import (
     add_noise,
     corrector_input,
     draw_corrector_input,
+    keep_prompt,
     losses_from_terms,
     suppress_logits,
     suppression_bias,
@@ -59,10 +62,25 @@ class Objective:
     seed: int
     global_batch_size: int
     schedule: NoiseSchedule
+    num_classes: int = 0  # classes of the conditioning labels (0: none); the null class is num_classes
 
     @classmethod
-    def build(cls, cfg: DiffusionConfig, *, mask_id: int, vocab_size: int, seed: int, global_batch_size: int):
-        return cls(cfg, mask_id, vocab_size, seed, global_batch_size, NoiseSchedule(cfg))
+    def build(cls, cfg: DiffusionConfig, *, mask_id: int, vocab_size: int, seed: int, global_batch_size: int,
+              num_classes: int = 0):
+        return cls(cfg, mask_id, vocab_size, seed, global_batch_size, NoiseSchedule(cfg), num_classes)
+
+    def labels(self, batch: dict, training: bool) -> torch.Tensor | None:
+        """The class labels the model sees for a batch (None: the batch has none). In training each
+        becomes the null class with probability cond_dropout, drawn from the sample's global stream
+        position (which also fixes the step), so every layout drops the same labels, both passes
+        see the same ones, and the dropout needs no generator state to resume."""
+        labels = batch.get("label")
+        if labels is None or not self.num_classes:
+            return None
+        if not training or self.cfg.cond_dropout == 0:
+            return labels
+        dropped = keyed_uniform(self.seed, STREAM_LABEL_DROPOUT, batch["position"]) < self.cfg.cond_dropout
+        return torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
 
     def corrector_active(self, step: int) -> bool:
         return self.cfg.corrector_training and step >= self.cfg.corrector_training_start_step
@@ -70,7 +88,8 @@ class Objective:
     def noise(self, batch: dict, training: bool) -> Noised:
         eps = self.cfg.sampling_eps_training if training else self.cfg.sampling_eps_validation
         return add_noise(batch["tokens"], batch["position"], batch["valid"], cfg=self.cfg, schedule=self.schedule,
-                         mask_id=self.mask_id, seed=self.seed, global_batch_size=self.global_batch_size, eps=eps)
+                         mask_id=self.mask_id, seed=self.seed, global_batch_size=self.global_batch_size, eps=eps,
+                         prompt_length=batch.get("prompt_length"))  # SFT folders: response-only loss
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """fp32 logits with the mask (and tensor-parallel padding) suppressed, computed once per
@@ -93,7 +112,8 @@ class Objective:
             extra = (self.corrector_input(scores, noised, positions) if then == "draw"
                      else vocab_argmax(scores.detach()) if then == "argmax" else None)
             return (token_nll(scores, noised.x0) if nll else None), extra
-        return self._chunked_terms(output, head(), noised, positions, nll, then)
+        nll_out, extra = self._chunked_terms(output, head(), noised, positions, nll, then)
+        return nll_out, (keep_prompt(extra, noised) if then == "draw" else extra)  # an SFT prompt stays in y
 
     def _chunked_terms(self, features: torch.Tensor, head: nn.Linear, noised: Noised, positions: torch.Tensor,
                        nll: bool, then: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -106,10 +126,14 @@ class Objective:
         token_index = torch.arange(length, device=x0.device)[None].expand(rows, length).reshape(-1)
         size = self.cfg.loss_chunk_tokens
 
-        def chunk_terms(chunk: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
-            scores = project_vocab(chunk, head, bias)
+        def chunk_terms(chunk: torch.Tensor, start: int, fused: bool = False) -> tuple[torch.Tensor, ...]:
             part = slice(start, start + chunk.shape[0])
-            out = (token_nll(scores, x0[part]),) if nll else ()
+            if fused:  # the projection and the cross entropy in one function that keeps no logits
+                nll_chunk, scores = projected_nll(chunk, head, bias, x0[part])
+                out = (nll_chunk,)
+            else:
+                scores = project_vocab(chunk, head, bias)
+                out = (token_nll(scores, x0[part]),) if nll else ()
             # After the loss: checkpoint's recomputation stops once the cross entropy has saved its
             # tensors again, so backward never redoes the argmax (or the draw) below.
             if then == "draw":
@@ -119,11 +143,20 @@ class Objective:
                 out += (vocab_argmax(scores.detach()),)
             return out
 
-        recompute = nll and torch.is_grad_enabled() and whole.requires_grad
+        with_grad = nll and torch.is_grad_enabled() and whole.requires_grad
+        # Under DeepSpeed ZeRO-3 (its parameters carry ds_id) the head goes through the module or
+        # plain autograd, each chunk under activation checkpointing instead: its weight exists only
+        # inside the module's forward unless small enough to persist, and even a persistent one's
+        # gradient, from the fused function, made two runs that must agree bit for bit differ in
+        # the 9th digit of the gradient norm (tests/test_deepspeed.py, the nonfinite test).
+        fused = with_grad and not hasattr(head.weight, "ds_id")
+        recompute = with_grad and not fused
         results = []
         # split, not slicing: its backward assembles the chunks' gradients in one concatenation.
         for index, chunk in enumerate(whole.reshape(rows * length, -1).split(size)):
-            if recompute:
+            if fused:
+                results.append(chunk_terms(chunk, index * size, fused=True))
+            elif recompute:
                 results.append(checkpoint(chunk_terms, chunk, index * size, use_reentrant=False,
                                           preserve_rng_state=False))  # no randomness but keyed noise
             else:
@@ -252,6 +285,9 @@ def forward_backward(runner, batches: list[dict], objective: Objective, step: in
         return total * backward_scale if training else total.detach()
 
     zt, sigma = torch.cat([n.zt for n in noised]), torch.cat([n.sigma for n in noised])
+    # The class labels (classifier-free guidance) go in beside sigma: both passes see the same ones.
+    labels = [objective.labels(batch, training) for batch in batches]
+    label_input = () if labels[0] is None else (torch.cat(labels),)
     chunked, head = output_head(runner, objective)
     with autocast if autocast is not None else nullcontext(), emitting_features(runner.parts, chunked):
         if not objective.corrector_active(step):
@@ -259,19 +295,19 @@ def forward_backward(runner, batches: list[dict], objective: Objective, step: in
                 terms = objective.terms(output, head, noised[m], positions[m])
                 return finish(m, objective.joint(terms, None, None, noised[m]))
 
-            runner.run((zt, sigma), count, rows, plain, training)
+            runner.run((zt, sigma, *label_input), count, rows, plain, training)
         elif mode == "reuse":
             def reuse(output: torch.Tensor, m: int) -> torch.Tensor:
                 terms_zt = objective.terms(output, head, noised[m], positions[m], then="draw")
                 y = terms_zt[1]
                 # The corrector pass sees the same sigma (zeroed anyway without time conditioning).
-                output_y = runner.forward(y, noised[m].sigma)
+                output_y = runner.forward(y, noised[m].sigma, *([] if labels[m] is None else [labels[m]]))
                 terms_y = objective.terms(output_y, head, noised[m], positions[m], then="argmax")
                 return finish(m, objective.joint(terms_zt, terms_y, y, noised[m]))
 
-            runner.run((zt, sigma), count, rows, reuse, training)
+            runner.run((zt, sigma, *label_input), count, rows, reuse, training)
         elif mode == "two_pass":
-            _two_pass(runner, noised, positions, objective, head, finish, training)
+            _two_pass(runner, noised, positions, objective, head, finish, training, labels)
         else:
             raise ValueError(f"unknown step mode {mode!r}: use reuse or two_pass")
     if head is not None:
@@ -283,7 +319,7 @@ def forward_backward(runner, batches: list[dict], objective: Objective, step: in
 
 
 def _two_pass(runner, noised: list[Noised], positions: list[torch.Tensor], objective: Objective,
-              head: OutputHead | None, finish, training: bool) -> None:
+              head: OutputHead | None, finish, training: bool, labels: list[torch.Tensor | None]) -> None:
     """Pass 1, forward only on z_t, takes y on the last stage (vocabulary-parallel argmax under
     tensor parallelism) and sends it to every stage; pass 2 runs the micro-batches [z_t; y] with
     the joint loss."""
@@ -295,11 +331,13 @@ def _two_pass(runner, noised: list[Noised], positions: list[torch.Tensor], objec
         ys[m] = objective.terms(output, head, noised[m], positions[m], nll=False, then="draw")[1]
         return torch.zeros((), device=output.device)
 
-    runner.run((zt, torch.cat([n.sigma for n in noised])), count, rows, first_pass, training=False)
+    label_input = () if labels[0] is None else (torch.cat(labels),)
+    runner.run((zt, torch.cat([n.sigma for n in noised]), *label_input), count, rows, first_pass, training=False)
     y = torch.cat(ys) if runner.is_last else torch.empty_like(zt)
     ys = list(runner.broadcast_from_last(y).split(rows))
     tokens = torch.cat([torch.cat([n.zt, y_m]) for n, y_m in zip(noised, ys)])
     sigma = torch.cat([torch.cat([n.sigma, n.sigma]) for n in noised])
+    label_input = () if labels[0] is None else (torch.cat([torch.cat([label, label]) for label in labels]),)
 
     def second_pass(output: torch.Tensor, m: int) -> torch.Tensor:
         output_zt, output_y = output.chunk(2)
@@ -307,4 +345,4 @@ def _two_pass(runner, noised: list[Noised], positions: list[torch.Tensor], objec
         terms_y = objective.terms(output_y, head, noised[m], positions[m], then="argmax")
         return finish(m, objective.joint(terms_zt, terms_y, ys[m], noised[m]))
 
-    runner.run((tokens, sigma), count, 2 * rows, second_pass, training)
+    runner.run((tokens, sigma, *label_input), count, 2 * rows, second_pass, training)

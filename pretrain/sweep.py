@@ -1,7 +1,8 @@
 """Sampling-budget sweeps: quality against NFE for checkpoints x steps x corrector settings.
 
-`proseco sweep` samples every (checkpoint, T, S, omega) point of a grid with the same seed (so
-rows differ only by the setting), scores the samples with the judge of the corpus' content
+`proseco sweep` samples every (checkpoint, T, S, omega[, gamma]) point of a grid with the same seed
+(so rows differ only by the setting; gamma, the guidance scale, for a model trained with labels
+and a target class, `sampling.label`), scores the samples with the judge of the corpus' content
 (pretrain/scoring.py) and writes `sweep.csv` (every number), `sweep.md` (the table) and
 `sweep.png` (quality against mean total NFE, one line per model x corrector setting).
 
@@ -37,9 +38,10 @@ TEXT_COLUMNS = ("bigram_js", "trigram_perplexity", "trigram_oov_rate", "unigram_
                 "repetition_rate")
 NFE_COLUMNS = ("nfe_denoiser", "nfe_corrector", "nfe_total")
 SETTING_COLUMNS = ("model", "steps", "corrector_steps", "corrector_every")
+GUIDANCE_COLUMNS = ("label", "guidance")  # in the table when some row samples a class
 # Read back from CSV as ints (everything else numeric is a float, text stays text).
-_INT_COLUMNS = {"steps", "corrector_steps", "corrector_every", "num_samples", "train_step", "n_samples", "n_valid",
-                "n_unique", "n_novel", "trigram_n_words", "trigram_n_oov", "trigram_n_sentence_ends"}
+_INT_COLUMNS = {"steps", "corrector_steps", "corrector_every", "label", "num_samples", "train_step", "n_samples",
+                "n_valid", "n_unique", "n_novel", "trigram_n_words", "trigram_n_oov", "trigram_n_sentence_ends"}
 _TEXT_COLUMNS = {"model", "checkpoint", "unmasking", "nucleus_cache"}
 _BOOL_COLUMNS = {"collapsed"}
 
@@ -50,25 +52,35 @@ _BOOL_COLUMNS = {"collapsed"}
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One sampler setting: T unmasking steps, S corrector iterations every omega steps."""
+    """One sampler setting: T unmasking steps, S corrector iterations every omega steps, guidance
+    scale gamma (1: the conditional model alone, or no guidance)."""
 
     steps: int
     corrector_steps: int
     corrector_every: int
+    guidance: float = 1.0
 
 
-def make_grid(steps: Sequence[int], corrector_steps: Sequence[int], corrector_every: Sequence[int]) -> list[GridPoint]:
-    """Every (T, S, omega) combination, ordered by S, omega, T. S=0 (plain MDLM sampling) ignores
-    omega, so it appears once per T (with omega 1) instead of once per omega."""
-    if not steps or not corrector_steps or not corrector_every:
-        raise ValueError("the grid needs at least one value of steps, corrector steps and corrector every")
-    if min(steps) < 1 or min(corrector_steps) < 0 or min(corrector_every) < 1:
-        raise ValueError("steps and corrector_every must be >= 1 and corrector_steps >= 0")
+def make_grid(steps: Sequence[int], corrector_steps: Sequence[int], corrector_every: Sequence[int],
+              guidance: Sequence[float] = (1.0,)) -> list[GridPoint]:
+    """Every (T, S, omega, gamma) combination, ordered by S, omega, gamma, T. S=0 (plain MDLM
+    sampling) ignores omega, so it appears once per T (with omega 1) instead of once per omega."""
+    if not steps or not corrector_steps or not corrector_every or not guidance:
+        raise ValueError("the grid needs at least one value of steps, corrector steps, corrector every and guidance")
+    if min(steps) < 1 or min(corrector_steps) < 0 or min(corrector_every) < 1 or min(guidance) < 0:
+        raise ValueError("steps and corrector_every must be >= 1, corrector_steps and guidance >= 0")
     points: list[GridPoint] = []
     for s in sorted(set(corrector_steps)):
         for omega in ([1] if s == 0 else sorted(set(corrector_every))):
-            points += [GridPoint(t, s, omega) for t in sorted(set(steps))]
+            for gamma in sorted(set(guidance)):
+                points += [GridPoint(t, s, omega, gamma) for t in sorted(set(steps))]
     return points
+
+
+def point_name(label: str, point: GridPoint) -> str:
+    """The file stem of a grid point's samples: LABEL_T{T}_S{S}_w{omega}[_g{gamma}]."""
+    name = f"{label}_T{point.steps}_S{point.corrector_steps}_w{point.corrector_every}"
+    return name + (f"_g{point.guidance:g}" if point.guidance != 1.0 else "")
 
 
 def run_folder(checkpoint: str | Path) -> Path:
@@ -93,7 +105,9 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
     Every point uses the same seed, so differences between rows come from the setting, not from
     different random draws. The row holds the setting, the mean NFEs, the wall time and every
     quality metric. With `samples_dir`, each point's samples (as scored) are kept there too, as
-    LABEL_T{T}_S{S}_w{omega}.jsonl, so a table's numbers can be checked against its molecules.
+    LABEL_T{T}_S{S}_w{omega}[_g{gamma}].jsonl, so a table's numbers can be checked against its
+    molecules. The class to sample comes with `sampling_overrides` ({"label": k}); a point's
+    guidance scale gamma needs one (the sampler says so).
     """
     device = torch.device(device)
     path = resolve_checkpoint(checkpoint)
@@ -105,20 +119,21 @@ def run_grid(checkpoint: str | Path, points: Sequence[GridPoint], num_samples: i
     for point in points:
         sampling = dataclasses.replace(cfg.sampling, **(sampling_overrides or {}), steps=point.steps,
                                        corrector_steps=point.corrector_steps, corrector_every=point.corrector_every,
-                                       num_samples=num_samples, batch_size=batch_size or num_samples, seed=seed)
+                                       guidance=point.guidance, num_samples=num_samples,
+                                       batch_size=batch_size or num_samples, seed=seed)
         started = time.perf_counter()
         result = Sampler.for_run(model, cfg, tokenizer, sampling, device).sample(num_samples)
         seconds = time.perf_counter() - started
         texts = scorer.texts(result.tokens)
         if samples_dir is not None:
-            name = f"{label}_T{point.steps}_S{point.corrector_steps}_w{point.corrector_every}.jsonl"
-            write_samples(Path(samples_dir) / name, texts, result)
-        row = {"model": label, **dataclasses.asdict(point), "nucleus_p": sampling.nucleus_p,
+            write_samples(Path(samples_dir) / f"{point_name(label, point)}.jsonl", texts, result)
+        row = {"model": label, **dataclasses.asdict(point), "label": sampling.label, "nucleus_p": sampling.nucleus_p,
                "unmasking": sampling.unmasking, "nucleus_cache": sampling.nucleus_cache, "num_samples": num_samples,
                **nfe_summary(result), "seconds": seconds, "checkpoint": str(path), "train_step": train_step,
                **scorer.score(result.tokens, texts)}
         rows.append(row)
-        log(f"{label} T={point.steps} S={point.corrector_steps} omega={point.corrector_every}: "
+        guided = "" if sampling.label is None else f" class={sampling.label} gamma={point.guidance:g}"
+        log(f"{label} T={point.steps} S={point.corrector_steps} omega={point.corrector_every}{guided}: "
             f"NFE {row['nfe_total']:.1f} ({row['nfe_denoiser']:.1f} + {row['nfe_corrector']:.1f}), "
             + ", ".join(f"{c} {_fmt(row[c])}" for c in quality_columns(rows) if c in row) + f" [{seconds:.0f} s]")
     return rows
@@ -204,8 +219,10 @@ def markdown_table(rows: Sequence[dict]) -> str:
     """model, T, S, omega, mean NFE (denoiser, corrector, total) and the quality columns; a
     collapsed row (`quality.is_collapsed`) says so beside its model."""
     headers = {"model": "model", "steps": "T", "corrector_steps": "S", "corrector_every": "omega",
+               "label": "class", "guidance": "gamma",
                "nfe_denoiser": "NFE den", "nfe_corrector": "NFE cor", "nfe_total": "NFE total"}
-    columns = [*SETTING_COLUMNS, *NFE_COLUMNS, *quality_columns(rows)]
+    guided = GUIDANCE_COLUMNS if any(row.get("label") is not None for row in rows) else ()
+    columns = [*SETTING_COLUMNS, *guided, *NFE_COLUMNS, *quality_columns(rows)]
     lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = {**row, "model": f"{row['model']} (collapsed)"} if row.get("collapsed") else row
@@ -223,7 +240,7 @@ def summary_markdown(metrics: dict) -> str:
 def plot_sweep(rows: Sequence[dict], path: str | Path, title: str | None = None,
                columns: Sequence[str] | None = None) -> Path:
     """Each quality column (default: the table's) against mean total NFE (log scale), one line per
-    model x (S, omega)."""
+    model x (S, omega[, gamma])."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,19 +249,20 @@ def plot_sweep(rows: Sequence[dict], path: str | Path, title: str | None = None,
     columns = list(columns or quality_columns(rows))
     lines: dict[tuple, list[dict]] = {}
     for row in rows:
-        lines.setdefault((row["model"], row["corrector_steps"], row["corrector_every"]), []).append(row)
+        key = (row["model"], row["corrector_steps"], row["corrector_every"], row.get("guidance", 1.0))
+        lines.setdefault(key, []).append(row)
     models = sorted({key[0] for key in lines})
     settings = sorted({key[1:] for key in lines})
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.8), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for ax, column in zip(axes[0], columns):
-        for (model, s, omega), points in sorted(lines.items()):
+        for (model, s, omega, gamma), points in sorted(lines.items()):
             points = sorted(points, key=lambda r: r["nfe_total"])
             x = [p["nfe_total"] for p in points]
             y = [p.get(column, float("nan")) for p in points]
             style = ["-", "--", ":", "-."][models.index(model) % 4]
-            ax.plot(x, y, style, marker="o", markersize=3, color=cmap(settings.index((s, omega)) % 10),
-                    label=f"{model} S={s}" + (f" ω={omega}" if s else ""))
+            ax.plot(x, y, style, marker="o", markersize=3, color=cmap(settings.index((s, omega, gamma)) % 10),
+                    label=f"{model} S={s}" + (f" ω={omega}" if s else "") + (f" γ={gamma:g}" if gamma != 1 else ""))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("mean NFE per sample (denoiser + corrector)")
         ax.set_title(column)

@@ -33,11 +33,12 @@ from pretrain.checkpoint.inference import refuse_resume_if_renamed
 from pretrain.config import RunConfig, check_machine, grad_accum_steps, save_config, to_dict, validate
 from pretrain.convert.hf_import import IMPORTED_KEY
 from pretrain.convert.layouts import resize_vocab
-from pretrain.convert.source import open_init_source
+from pretrain.convert.source import Source, open_init_source
 from pretrain.data import TrainLoader, eval_batches, open_shards, read_options
 from pretrain.errors import CheckpointError, UserError
 from pretrain.metrics import MetricsLogger, Throughput, plot_losses
-from pretrain.models import ModelShape, count_parameters, get_family
+from pretrain.models import ModelFamily, ModelShape, count_parameters, get_family
+from pretrain.models.init import copy_full_into_local, materialise
 from pretrain.optim import EMA, Optimizers, lr_factor
 from pretrain.step import Objective, forward_backward
 from pretrain.validation import validation_metrics
@@ -71,6 +72,28 @@ def resolve_model_shape(cfg: RunConfig, vocab_size: int, seq_len: int) -> RunCon
                         "or re-shard with --seq-len")
     model = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size, seq_len=seq_len)
     return dataclasses.replace(cfg, model=model)
+
+
+def resolve_label_classes(cfg: RunConfig) -> RunConfig:
+    """Fill model.num_classes from the label set data.labels names (its labels.json, checked
+    against the train split's shards), or check the one given; 0 without a label set. Runs before
+    any process group: a missing or foreign label set stops the run here."""
+    m = cfg.model
+    if not hasattr(m, "num_classes"):
+        return cfg  # a family without a label embedding (validate() refuses data.labels for it)
+    if cfg.data.labels is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(m, num_classes=m.num_classes or 0))
+    from pretrain.data import open_split
+    from pretrain.data.labels import open_labels
+
+    policy = read_options(cfg.data)["read_policy"]
+    manifest, shards = open_split(cfg.data.shards, "train", policy=policy)
+    classes = open_labels(cfg.data.shards, cfg.data.labels, "train", shards.counts, manifest.fingerprint,
+                          policy).num_classes
+    if m.num_classes is not None and m.num_classes != classes:
+        raise UserError(f"model.num_classes={m.num_classes} but the label set data.labels={cfg.data.labels} has "
+                        f"{classes} classes; set model.num_classes=null to take it from the label set")
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, num_classes=classes))
 
 
 def starts_fresh(cfg: RunConfig) -> bool:
@@ -149,9 +172,12 @@ def train(cfg: RunConfig) -> dict:
     launch = detect_launch()
     validate(cfg, world_size=launch.world_size)  # before any process group starts
     check_machine(cfg)  # CUDA, the model's kernels, the run folder: before any process group too
+    if cfg.data.labels is not None:  # the label set and its classes (sampling.label), before any process group too
+        validate(resolve_label_classes(cfg), world_size=launch.world_size)
     if cfg.model.init_from and starts_fresh(cfg):
         manifest, tokenizer = open_shards(cfg.data.shards)
-        open_init_source(resolve_model_shape(cfg, tokenizer.vocab_size, manifest.seq_len))  # shapes, before too
+        shaped = resolve_model_shape(cfg, tokenizer.vocab_size, manifest.seq_len)
+        open_init_source(resolve_label_classes(shaped))  # shapes, before too
     env = init_distributed(launch, cfg.train.device, cfg.parallel.timeout_s)
     try:
         result = trainer_class(cfg)(cfg, env).run()
@@ -174,13 +200,53 @@ def trainer_class(cfg: RunConfig) -> type[Trainer]:
     return Trainer
 
 
+def build_model_parts(family: ModelFamily, cfg: RunConfig, shape: ModelShape, layout: Layout, mesh,
+                      device: torch.device) -> list[nn.Module]:
+    """This rank's model, or its pipeline stages, parallelised and initialised: each part is built
+    on the meta device (a stage holds only its own blocks), parallelised there (tp, activation
+    checkpointing, compile, FSDP2), then only this rank's shards get storage on `device` and are
+    initialised keyed by train.seed, so the weights are those of a one-process run on every layout."""
+    if layout.pp == 1:
+        parts = [family.build(cfg.model, shape, device="meta")]
+    else:
+        counts = cfg.parallel.layers_per_stage(cfg.model.num_layers)
+        parts = [family.build_stage(cfg.model, shape, stage, counts)
+                 for stage in stage_ids(layout, cfg.parallel.pp_virtual_stages)]
+    return [materialise(family.parallelize(part, layout, mesh, cfg.parallel), device, cfg.train.seed)
+            for part in parts]
+
+
+@torch.no_grad()
+def initialise_from(family: ModelFamily, cfg: RunConfig, shape: ModelShape, parts: list[nn.Module]) -> Source:
+    """model.init_from's weights into this rank's model parts (built by build_model_parts); returns
+    the source. Where the source can (a checkpoint, a consolidated file, a safetensors folder in
+    either layout, the family's published one included) each rank reads only its shards' slices,
+    or one parameter's tensors at a time; only a pytorch_model.bin folder is read whole first."""
+    source = open_init_source(cfg)
+    if source.load_into is not None:
+        source.load_into({name: p for part in parts for name, p in part.named_parameters()}, shape.vocab_size)
+    else:
+        load_full_weights(parts, resize_vocab(family, source.load(), cfg.model.vocab_size, shape.vocab_size))
+    return source
+
+
+def load_full_weights(parts: list[nn.Module], weights: dict[str, torch.Tensor]) -> None:
+    """Whole weights by parameter name (every parameter of `parts` among them) into the parts'
+    parameters, plain or sharded: each takes its slice of the full tensor, which is then
+    dropped from `weights`, so a rank holds the source and its shards, never a second full copy."""
+    for part in parts:
+        for name, param in part.named_parameters():
+            copy_full_into_local(param, weights.pop(name).to(param.device))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv):
         self.env = env
         self.run_dir = Path(cfg.logging.run_dir)
         self.manifest, self.tokenizer = open_shards(cfg.data.shards, read_options(cfg.data)["read_policy"])
         self.tokenizer_dir = self.tokenizer.folder  # the shard folder's copy (a local cache for a URL)
-        self.cfg = cfg = resolve_model_shape(cfg, self.tokenizer.vocab_size, self.manifest.seq_len)
+        self.cfg = cfg = resolve_label_classes(resolve_model_shape(cfg, self.tokenizer.vocab_size,
+                                                                   self.manifest.seq_len))
         self.layout = Layout.of(cfg.parallel, env.rank, env.world_size)
         self.mesh = build_mesh(self.layout, env.device)
         self.dp_size, self.dp_rank = self.layout.dp, self.layout.dp_rank
@@ -190,14 +256,16 @@ class Trainer:
         self._setup_model()
         self.objective = Objective.build(cfg.diffusion, mask_id=self.tokenizer.mask_id,
                                          vocab_size=self.tokenizer.vocab_size, seed=cfg.train.seed,
-                                         global_batch_size=cfg.data.global_batch_size)
+                                         global_batch_size=cfg.data.global_batch_size,
+                                         num_classes=getattr(cfg.model, "num_classes", None) or 0)
         self.autocast = autocast_for(cfg, env.device)
         self.loader = TrainLoader(cfg.data.shards, global_batch_size=cfg.data.global_batch_size,
                                   micro_batch_size=cfg.data.micro_batch_size, dp_rank=self.dp_rank,
                                   dp_size=self.dp_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                                   shuffle=cfg.data.shuffle, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
                                   expected_tokenizer_sha256=self.tokenizer.sha256,
-                                  verify_digests=cfg.data.verify_shards, **read_options(cfg.data))
+                                  verify_digests=cfg.data.verify_shards, labels=cfg.data.labels,
+                                  **read_options(cfg.data))
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                          cfg.checkpoint.async_save, cfg.checkpoint.keep_every)
         self.state = TrainState()
@@ -210,34 +278,23 @@ class Trainer:
         plays the step over them, their optimizers and the EMA. The DeepSpeed engine
         (pretrain/engines/deepspeed.py) replaces this and the optimizer step and checkpoints."""
         cfg = self.cfg
-        self.parts = [self.family.parallelize(part, self.layout, self.mesh, cfg.parallel)
-                      for part in self._build_parts()]
+        # The initialisation draws from no global RNG (it is keyed); torch's is still seeded here, as
+        # before, so that anything drawing from it later starts from the run's seed.
+        torch.manual_seed(cfg.train.seed)
+        self.parts = build_model_parts(self.family, cfg, self.shape, self.layout, self.mesh, self.env.device)
+        if cfg.model.init_from and starts_fresh(cfg):
+            self._initialise_from(self.parts)
         self.runner = PipelineRunner(self.parts, self.layout, self.mesh, cfg.parallel, self.env.device) \
             if self.layout.pp > 1 else LocalRunner(self.parts[0])
         self.optimizers = Optimizers(self.parts, cfg.optim)
         self.ema = EMA(self.parts, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
-    def _build_parts(self) -> list[nn.Module]:
-        """The model, or this rank's pipeline stages, with weights identical on every rank and
-        identical to a one-process run (built whole from the seed, then split)."""
-        torch.manual_seed(self.cfg.train.seed)
-        full = self.family.build(self.cfg.model, self.shape).to(self.env.device)
-        if self.cfg.model.init_from and starts_fresh(self.cfg):
-            self._initialise_from(full)
-        if self.layout.pp == 1:
-            return [full]
-        counts = self.cfg.parallel.layers_per_stage(self.cfg.model.num_layers)
-        return [self.family.build_stage(full, stage, counts)
-                for stage in stage_ids(self.layout, self.cfg.parallel.pp_virtual_stages)]
-
     @torch.no_grad()
-    def _initialise_from(self, full: nn.Module) -> None:
-        """model.init_from's weights into the whole model, on every rank before it is split and
-        parallelised; the optimizer, the EMA (a copy of these weights), the step and the data
+    def _initialise_from(self, parts: list[nn.Module]) -> None:
+        """model.init_from's weights into this rank's (parallelised) model parts, each rank keeping
+        only its shards; the optimizer, the EMA (a copy of these weights), the step and the data
         position start fresh."""
-        source = open_init_source(self.cfg)
-        weights = resize_vocab(self.family, source.load(), self.cfg.model.vocab_size, self.shape.vocab_size)
-        full.load_state_dict(weights, strict=True)
+        source = initialise_from(self.family, self.cfg, self.shape, parts)
         self._log_main(f"initialised from the {source.kind} {source.path}")
 
     def _parameters(self):
@@ -452,7 +509,8 @@ class Trainer:
         batches = eval_batches(self.cfg.data.shards, "val", micro_batch_size=self.cfg.data.micro_batch_size,
                                dp_rank=self.dp_rank, dp_size=self.dp_size,
                                max_samples=self.cfg.train.eval_batches * self.cfg.data.global_batch_size or None,
-                               verify_digests=self.cfg.data.verify_shards, **read_options(self.cfg.data))
+                               verify_digests=self.cfg.data.verify_shards, labels=self.cfg.data.labels,
+                               **read_options(self.cfg.data))
         metrics = validation_metrics(self.runner, self.ema, batches, self.objective, self.state.step,
                                      self.env.device, self._all_reduce, self.autocast)
         metrics.update(step=self.state.step, split="val", seconds=time.perf_counter() - started)

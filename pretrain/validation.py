@@ -65,10 +65,11 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", batches: 
     model, cfg, tokenizer = load_model(path, device)
     diffusion = dataclasses.replace(cfg.diffusion, corrector_training=True) if corrector else cfg.diffusion
     objective = Objective.build(diffusion, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                                seed=cfg.train.seed, global_batch_size=cfg.data.global_batch_size)
+                                seed=cfg.train.seed, global_batch_size=cfg.data.global_batch_size,
+                                num_classes=getattr(cfg.model, "num_classes", None) or 0)
     loader = eval_batches(shards or cfg.data.shards, split, micro_batch_size=cfg.data.micro_batch_size,
                           max_samples=batches * cfg.data.global_batch_size if batches else None,
-                          expected_tokenizer_sha256=tokenizer.sha256, **read_options(cfg.data))
+                          expected_tokenizer_sha256=tokenizer.sha256, labels=cfg.data.labels, **read_options(cfg.data))
     step = int(read_meta(path)["step"])
     log(f"evaluating {path} (step {step}) on {split}: {len(loader)} batches of {cfg.data.micro_batch_size} ...")
     # load_model already holds the EMA weights, so no EMA is swapped in here.

@@ -65,6 +65,21 @@ def assert_steps_match(eager: DiT, compiled: DiT, modes: tuple[str, ...]) -> Non
             assert torch.allclose(grads_compiled[name], grad, **TOLERANCE), (mode, name)
 
 
+def test_compiled_llada_blocks_give_eager_losses_and_gradients():
+    """parallel.compile is the family's plan's, not the DiT's: LLaDA's blocks (RMSNorm, SwiGLU,
+    rotary, grouped-query attention) compile to eager's losses and gradients in both step modes."""
+    from pretrain.models.llada.model import LLaDA
+    from tests.test_llada import tiny
+
+    torch.manual_seed(0)
+    eager = LLaDA(tiny(vocab_size=VOCAB, vocab_multiple=8, seq_len=L), ModelShape(VOCAB, L))
+    randomise(eager)
+    compiled = copy.deepcopy(eager)
+    apply_compile(compiled.blocks.values(), backend="aot_eager")
+    assert_steps_match(eager, compiled, ("reuse", "two_pass"))
+    assert graphs() > 0 and counters["graph_break"] == {}
+
+
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "activation_checkpointing"])
 def test_compiled_blocks_give_eager_losses_and_gradients_in_both_step_modes(checkpointed):
     """reuse (B rows, grad), two_pass (B without grad, 2B with) and validation (no grad) settle on

@@ -28,6 +28,7 @@ from pretrain.convert.hf_import import import_folder
 from pretrain.errors import CheckpointError, UserError
 from pretrain.metrics import read_metrics
 from pretrain.models import ModelShape, count_parameters, get_family
+from pretrain.models.init import materialise
 from pretrain.models.llada.checkpoint_names import model_fields
 from pretrain.models.llada.config import LLADA_8B, LLaDAConfig, num_parameters
 from pretrain.models.llada.model import LLaDA, forward_flops_per_sequence
@@ -163,9 +164,10 @@ def test_the_forward_is_the_published_one_bidirectional_and_blind_to_sigma():
 
 def test_pipeline_stages_keep_the_full_model_names_and_compose():
     cfg = tiny()
-    full = LLaDA(cfg, ModelShape.of(cfg)).eval()
+    full = LLaDA(cfg, ModelShape.of(cfg), seed=3).eval()
     family = get_family("llada")
-    stages = [family.build_stage(full, stage, [1, 2, 1]) for stage in range(3)]
+    stages = [materialise(family.build_stage(cfg, ModelShape.of(cfg), stage, [1, 2, 1]), "cpu", 3)
+              for stage in range(3)]  # built on the meta device, initialised keyed: the full model's weights
     names = [name for stage in stages for name, _ in stage.named_parameters()]
     assert sorted(names) == sorted(name for name, _ in full.named_parameters())
     assert stages[1].wte is None and stages[1].ff_out is None and stages[1].output_head is None

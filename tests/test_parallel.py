@@ -19,6 +19,7 @@ from pretrain.metrics import read_metrics
 from pretrain.train import Trainer, train
 from tests.dist.parallel_worker import TINY, dump_digests
 from tests.helpers import make_word_shards, torchrun
+from tests.test_data import write_labels
 
 pytestmark = pytest.mark.distributed
 WORKER = "tests/dist/parallel_worker.py"
@@ -26,7 +27,9 @@ WORKER = "tests/dist/parallel_worker.py"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return make_word_shards(tmp_path_factory.mktemp("corpus"), seq_len=16)
+    folder = make_word_shards(tmp_path_factory.mktemp("corpus"), seq_len=16)
+    write_labels(folder)  # the label set "mod3", for the labelled (classifier-free guidance) parity runs
+    return folder
 
 
 def check_parity(results: list[dict], count: int) -> None:
@@ -44,11 +47,14 @@ def test_two_rank_layouts_match_one_process(shards, tmp_path):
     """dp=2 (sharded, replicated, no-reshard + activation checkpointing), tp=2 with and without
     sequence parallelism (both step modes), pp=2 with GPipe, 1F1B and interleaved 1F1B (two-pass):
     the loss, every gradient and the global gradient norm against one process; at dp=2 the bytes
-    of gradients reduced (reuse runs the model twice before one backward: still each once)."""
-    torchrun(2, WORKER, "parity", str(shards), str(tmp_path / "parity.json"))
+    of gradients reduced (reuse runs the model twice before one backward: still each once). With
+    class labels (data.labels, half of them dropped to the null class): dp=2, tp=2 and pp=2."""
+    torchrun(2, WORKER, "parity", str(shards), str(tmp_path / "parity.json"), "mod3")
     results = json.loads((tmp_path / "parity.json").read_text())
-    check_parity(results, count=5 + 8)
-    assert sum("reduced_bytes" in r for r in results) == 2 * 3  # the dp=2 layouts, both modes
+    check_parity(results, count=5 + 8 + 3)
+    labelled = [r for r in results if "data.labels=mod3" in r["layout"]]
+    assert len(labelled) == 3 and all(r["label_grad"] > 0 for r in labelled)
+    assert sum("reduced_bytes" in r for r in results) == 2 * 3 + 1  # the dp=2 layouts, both modes, and labelled
     assert {r["layout"].split("parallel.pp_schedule=")[-1] for r in results if "pp=2" in r["layout"]} == {
         "gpipe", "1f1b", "interleaved_1f1b parallel.pp_virtual_stages=2"}
 

@@ -167,8 +167,8 @@ def test_chunked_loss_equals_whole_logits(mode, overrides):
 
 
 def test_chunked_loss_never_saves_logits_nor_redoes_argmaxes(monkeypatch):
-    """With chunks, nothing vocabulary-sized is saved for backward (each chunk's logits are
-    recomputed), and the recomputation stops at the loss: pass 1's draw and the corrector's
+    """With chunks, no logits (tokens x vocabulary) are saved for backward (each chunk's are
+    recomputed from the features), and the recomputation stops at the loss: pass 1's draw and the corrector's
     argmax run once per chunk, not again in backward."""
     import pretrain.step as step_module
 
@@ -190,9 +190,49 @@ def test_chunked_loss_never_saves_logits_nor_redoes_argmaxes(monkeypatch):
         run(model, make_batch(), chunked(7), step=0, mode="reuse")
     chunks = -(-6 * L // 7)
     assert calls == {"draw": chunks, "argmax": chunks}
-    assert saved and not [s for s in saved if s and s[-1] == VOCAB]
+    assert saved and not [s for s in saved if len(s) > 1 and s[-1] == VOCAB]
 
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         run(model, make_batch(), chunked(0), step=0, mode="reuse")
-    assert [s for s in saved if s and s[-1] == VOCAB]  # the whole-logits path does keep them
+    assert [s for s in saved if len(s) > 1 and s[-1] == VOCAB]  # the whole-logits path does keep them
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_projection_and_cross_entropy_equal_autograds(precision):
+    """projected_nll (the chunked loss's projection and cross entropy in one function that saves no
+    logits) gives what F.linear + cross_entropy give, suppressed ids included: the loss, the logits
+    it hands out for the argmax, and the gradients of the features, the head's weight and bias,
+    under a per-token upstream gradient; under bf16 autocast the same low-precision products."""
+    from parallel.tensor import projected_nll
+    from pretrain.diffusion import suppression_bias
+
+    torch.manual_seed(0)
+    tokens, d, rows, vocab = 37, 16, 48, 40  # rows past the real vocabulary are padding, as under tp
+    head = torch.nn.Linear(d, rows)
+    features = torch.randn(tokens, d, requires_grad=True)
+    target = torch.randint(0, vocab - 1, (tokens,))
+    upstream = torch.rand(tokens)  # per-token loss weights, as the ELBO's
+    bias = suppression_bias(rows, vocab - 1, vocab, "cpu")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def grads(nll):
+        (nll * upstream).sum().backward()
+        out = [t.grad.clone() for t in (features, head.weight, head.bias)]
+        for t in (features, head.weight, head.bias):
+            t.grad = None
+        return out
+
+    with autocast:
+        reference_logits = (head(features) + bias.to(torch.bfloat16 if precision == "bf16" else torch.float32)).float()
+        reference = torch.nn.functional.cross_entropy(reference_logits, target, reduction="none")
+    reference_grads = grads(reference)
+    with autocast:
+        nll, logits = projected_nll(features, head, bias, target)
+    assert not logits.requires_grad and logits.dtype == torch.float32
+    assert torch.equal(logits.argmax(-1), reference_logits.argmax(-1))
+    tolerance = 1e-6 if precision == "fp32" else 2e-2
+    assert torch.allclose(nll, reference, rtol=tolerance, atol=tolerance)
+    for got, expected in zip(grads(nll), reference_grads):
+        assert got.dtype == expected.dtype
+        assert (got - expected).abs().max() <= tolerance * expected.abs().max()

@@ -1,4 +1,4 @@
-"""`proseco tokenizer train|shard|merge|verify|migrate|upload`: text -> tokenizer folder -> token shards."""
+"""`proseco tokenizer train|import-hf|shard|merge|verify|migrate|upload`: text -> tokenizer folder -> token shards."""
 
 from __future__ import annotations
 
@@ -33,10 +33,24 @@ def _train(args: argparse.Namespace) -> None:
           f"{time.perf_counter() - start:.1f} s")
 
 
+def _import_hf(args: argparse.Namespace) -> None:
+    from tokenizer.hf import import_hf_tokenizer
+
+    tokenizer = import_hf_tokenizer(args.source, args.out, mask_token=args.mask_token, overwrite=args.overwrite)
+    template = tokenizer.chat_template_sha256
+    print(f"wrote {args.out}: hf tokenizer, vocab_size {tokenizer.vocab_size} (mask {tokenizer.mask_id}, "
+          f"pad {tokenizer.pad_id}, bos {tokenizer.bos_id}, eos {tokenizer.eos_id}), chat template "
+          f"{'none' if template is None else 'sha256 ' + template[:16]}, sha256 {tokenizer.sha256[:16]}")
+
+
 def _shard(args: argparse.Namespace) -> None:
+    from tokenizer.sft import SFT_PACKING
     from tokenizer.shard import shard_corpus, shard_task
 
     start = time.perf_counter()
+    if args.packing == SFT_PACKING:
+        _shard_sft(args, start)
+        return
     options = dict(packing=args.packing, samples_per_shard=args.samples_per_shard, workers=args.workers,
                    seed=args.seed, content=args.content, shard_format=args.format,
                    chunk_chars=int(args.chunk_mib * (1 << 20)), **_corpus_options(args))
@@ -58,6 +72,28 @@ def _shard(args: argparse.Namespace) -> None:
           f"{stats['train_tokens'] + stats['val_tokens']} document tokens, "
           f"{stats['train_truncated'] + stats['val_truncated']} truncated documents, "
           f"{stats['train_dropped_tokens'] + stats['val_dropped_tokens']} dropped tokens; "
+          f"fingerprint {manifest.fingerprint}, {time.perf_counter() - start:.1f} s")
+
+
+def _shard_sft(args: argparse.Namespace, start: float) -> None:
+    """`shard --packing sft`: prompt/response records into shards with prompt lengths (tokenizer/sft.py)."""
+    from tokenizer.sft import shard_sft
+
+    for flag, value in (("--task-index/--num-tasks", args.task_index is not None or args.num_tasks is not None),
+                        ("--text-field", args.text_field), ("--line-documents", args.line_documents),
+                        ("--max-chars", args.max_chars), ("--content", args.content)):
+        if value:
+            raise UserError(f"{flag} does not apply to --packing sft (records with messages or prompt/response "
+                            "fields, sharded in one run); drop it")
+    manifest = shard_sft(args.corpus, args.tokenizer, args.seq_len, args.out, workers=args.workers,
+                         overwrite=args.overwrite, seed=args.seed, samples_per_shard=args.samples_per_shard,
+                         shard_format=args.format, chunk_chars=int(args.chunk_mib * (1 << 20)),
+                         val_fraction=args.val_fraction, limit=args.limit)
+    stats = manifest.stats
+    splits = ", ".join(f"{name} {split.samples} samples ({stats[f'{name}_dropped_samples']} dropped: prompt too "
+                       f"long, {stats[f'{name}_truncated']} responses truncated)"
+                       for name, split in manifest.splits.items())
+    print(f"wrote {args.out}: prompt/response samples with prompt lengths; {splits}; seq_len {manifest.seq_len}; "
           f"fingerprint {manifest.fingerprint}, {time.perf_counter() - start:.1f} s")
 
 
@@ -114,9 +150,11 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser, corpus_required: bool
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `tokenizer train|shard|merge|verify|migrate|upload` on the top-level subparsers of `proseco`."""
+    """Register `tokenizer train|import-hf|shard|merge|verify|migrate|upload` on the top-level subparsers of
+    `proseco`."""
     from tokenizer.corpora import CONTENTS
     from tokenizer.format import FORMAT, FORMAT_V1, FORMATS
+    from tokenizer.sft import SFT_PACKING
     from tokenizer.shard import DEFAULT_SAMPLES_PER_SHARD, PACKINGS
     from tokenizer.tasks import DEFAULT_CHUNK_CHARS
     from tokenizer.train import KINDS, SPM_MAX_CHUNK_CHARS, SPM_MAX_SENTENCES
@@ -139,6 +177,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "time on a large corpus; default: all)")
     train.set_defaults(func=_train)
 
+    import_hf = tokenizer_sub.add_parser("import-hf", help="make a tokenizer folder from a Hugging Face tokenizer "
+                                                           "(tokenizer.json + tokenizer_config.json, e.g. LLaDA-8B's)")
+    import_hf.add_argument("source", help="folder holding tokenizer.json, a hub cache entry (models--ORG--NAME), or "
+                                          "ORG/NAME of a model in the local hub cache (nothing is downloaded)")
+    import_hf.add_argument("--out", required=True, help="tokenizer folder to create (the HF files go to OUT/hf/)")
+    import_hf.add_argument("--mask-token", help="the token the model uses as its mask (default: tokenizer_config's "
+                                                "mask_token, else LLaDA's <|mdm_mask|> when the vocabulary has it)")
+    import_hf.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    import_hf.set_defaults(func=_import_hf)
+
     shard = tokenizer_sub.add_parser("shard", help="tokenize a corpus into shuffled webdataset shards")
     _add_corpus_arguments(shard, corpus_required=True)
     shard.add_argument("--tokenizer", required=True, help="tokenizer folder (from `proseco tokenizer train`)")
@@ -149,9 +197,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     shard.add_argument("--format", default=FORMAT, choices=FORMATS,
                        help=f"{FORMAT}: members of ~1 MiB blocks of samples, <1%% overhead (default); "
                             f"{FORMAT_V1}: one member per sample")
-    shard.add_argument("--packing", choices=PACKINGS,
+    shard.add_argument("--packing", choices=(*PACKINGS, SFT_PACKING),
                        help="pack: documents joined and cut (default for bpe/unigram/gpt2); "
-                            "pad: one document per sample (default for char)")
+                            "pad: one document per sample (default for char); sft: prompt/response records "
+                            "(JSONL with messages or prompt/response fields), one per EOS-padded sample, with "
+                            "each sample's prompt length beside the shards (docs/data.md)")
     shard.add_argument("--content", choices=CONTENTS,
                        help="what the documents are, which picks the judge of samples (default: the built-in "
                             "corpus' own, text for a PATH; e.g. --content smiles for a file of SMILES)")

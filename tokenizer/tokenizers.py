@@ -1,10 +1,15 @@
-"""Tokenizers behind one interface: SentencePiece (BPE/unigram), characters, GPT-2 BPE.
+"""Tokenizers behind one interface: SentencePiece (BPE/unigram), characters, GPT-2 BPE, and
+Hugging Face `tokenizers` files (e.g. LLaDA-8B's own, with its chat template).
 
 A tokenizer lives in a self-contained folder::
 
     tokenizer.json     kind, vocab_size, special ids, sha256, and whatever the kind needs
     spm.model          SentencePiece model (kind "sentencepiece")
     gpt2.tiktoken      GPT-2 r50k ranks (kind "gpt2"); the char kind keeps its alphabet in tokenizer.json
+    hf/                kind "hf": a Hugging Face tokenizer folder, hf/tokenizer.json (the fast
+                       tokenizer) and hf/tokenizer_config.json (special tokens, chat template); the
+                       subfolder keeps HF's own file names apart from the project's tokenizer.json,
+                       and is itself loadable by transformers' AutoTokenizer (tokenizer/hf.py imports it)
 
 `vocab_size` counts every id the model can see, specials and the mask included: it is the number
 of embedding rows. `sha256` hashes tokenizer.json (without the sha256 field and the descriptive
@@ -28,7 +33,11 @@ from pretrain.errors import UserError
 CONFIG_FILE = "tokenizer.json"
 SPM_MODEL_FILE = "spm.model"
 GPT2_RANKS_FILE = "gpt2.tiktoken"
-MODEL_FILES = {"sentencepiece": (SPM_MODEL_FILE,), "char": (), "gpt2": (GPT2_RANKS_FILE,)}
+HF_DIR = "hf"
+HF_TOKENIZER_FILE = f"{HF_DIR}/tokenizer.json"
+HF_CONFIG_FILE = f"{HF_DIR}/tokenizer_config.json"
+MODEL_FILES = {"sentencepiece": (SPM_MODEL_FILE,), "char": (), "gpt2": (GPT2_RANKS_FILE,),
+               "hf": (HF_TOKENIZER_FILE, HF_CONFIG_FILE)}
 MASK_TEXT = "[MASK]"
 """How `decode` renders a mask id, so that unfilled positions stay visible in samples."""
 
@@ -88,6 +97,20 @@ class Tokenizer(ABC):
     @abstractmethod
     def _decode_plain(self, ids: list[int]) -> str:
         """Text of ids that hold no special ids."""
+
+    @property
+    def chat_template_sha256(self) -> str | None:
+        """sha256 of the chat template `chat_prompt` renders; None for kinds without one."""
+        return None
+
+    def chat_prompt(self, messages: list[dict[str, Any]], *, strip_bos: bool = False) -> str | None:
+        """The text a model sees before it answers `messages`, rendered by the tokenizer's own chat
+        template with the generation prompt; None: this kind has no chat template.
+
+        strip_bos: drop the BOS token's text the template puts first (SFT samples begin with the
+        BOS id already).
+        """
+        return None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids: BOS/EOS/PAD dropped, each mask id rendered as "[MASK]"."""
@@ -248,8 +271,146 @@ class GPT2Tokenizer(Tokenizer):
         return self.encoding.decode(ids)
 
 
+def token_text(value: Any) -> str | None:
+    """A special token of tokenizer_config.json as text: a string, or an AddedToken dict's content."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def template_tokens(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The special tokens a chat template sees (bos_token, eos_token, ...), as transformers passes
+    them: only those tokenizer_config.json names, so a template tests `bos_token` as it would there."""
+    tokens: dict[str, Any] = {}
+    for key, value in hf_config.items():
+        if key.endswith("_token") and token_text(value) is not None:
+            tokens[key] = token_text(value)
+    extra = hf_config.get("additional_special_tokens")
+    if isinstance(extra, list):
+        tokens["additional_special_tokens"] = [t for t in map(token_text, extra) if t is not None]
+    return tokens
+
+
+def chat_template_of(hf_config: dict[str, Any]) -> str | None:
+    """tokenizer_config.json's chat template: a string, or the one named "default" of a list."""
+    template = hf_config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _generation_tag() -> type:
+    """A jinja2 extension for transformers' `{% generation %}...{% endgeneration %}` blocks (they
+    mark the assistant's text for training masks): rendering keeps their body as it is."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return GenerationTag
+
+
+def compile_chat_template(template: str, where: Path):
+    """A jinja2 template in a sandbox, as transformers compiles chat templates: blocks trimmed,
+    loop controls, `raise_exception`, a `tojson` that keeps non-ASCII text, `strftime_now`."""
+    import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[_generation_tag(), "jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return environment.from_string(template)
+    except jinja2.exceptions.TemplateError as err:
+        raise TokenizerError(f"{where}: the chat template does not compile ({type(err).__name__}: {err}); "
+                             "fix it in the source folder and import it again") from None
+
+
+def import_tokenizers_library(folder: Path):
+    try:
+        import tokenizers
+    except ImportError:
+        raise TokenizerError(f"{folder} is a Hugging Face tokenizer, which needs the tokenizers library: "
+                             "pip install 'tokenizers>=0.19' (the [hf-tokenizer] extra)") from None
+    return tokenizers
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face fast tokenizer (hf/tokenizer.json, read with the `tokenizers` library) and its
+    tokenizer_config.json: special ids resolved at import and recorded in the project's config.
+
+    Text is encoded as transformers encodes with add_special_tokens=False: nothing is added, and a
+    special token's text in the input (e.g. "<|eot_id|>" from a chat template) becomes its id.
+    Decoding keeps the special tokens other than BOS/EOS/PAD/mask visible as their text.
+    """
+
+    kind = "hf"
+
+    def __init__(self, config: dict[str, Any], folder: Path):
+        tokenizers = import_tokenizers_library(folder)
+        super().__init__(config, folder)
+        self.backend = tokenizers.Tokenizer.from_file(str(folder / HF_TOKENIZER_FILE))
+        self.hf_config: dict[str, Any] = json.loads((folder / HF_CONFIG_FILE).read_text(encoding="utf-8"))
+        self.special_tokens: dict[str, str] = dict(config["special_tokens"])
+        self.template_tokens = template_tokens(self.hf_config)
+        self.chat_template = chat_template_of(self.hf_config)
+        self._compiled = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    @property
+    def chat_template_sha256(self) -> str | None:
+        if self.chat_template is None:
+            return None
+        return hashlib.sha256(self.chat_template.encode("utf-8")).hexdigest()
+
+    def chat_prompt(self, messages: list[dict[str, Any]], *, strip_bos: bool = False) -> str | None:
+        if self.chat_template is None:
+            return None
+        import jinja2
+
+        if self._compiled is None:
+            self._compiled = compile_chat_template(self.chat_template, self.folder / HF_CONFIG_FILE)
+        try:
+            text = self._compiled.render(messages=messages, add_generation_prompt=True, **self.template_tokens)
+        except jinja2.exceptions.TemplateError as err:
+            raise TokenizerError(f"the chat template of {self.folder} failed on these messages "
+                                 f"({type(err).__name__}: {err})") from None
+        bos = self.template_tokens.get("bos_token")
+        if strip_bos and bos and text.startswith(bos):
+            text = text[len(bos):]
+        return text
+
+
 TOKENIZER_CLASSES: dict[str, type[Tokenizer]] = {
-    cls.kind: cls for cls in (SentencePieceTokenizer, CharTokenizer, GPT2Tokenizer)}
+    cls.kind: cls for cls in (SentencePieceTokenizer, CharTokenizer, GPT2Tokenizer, HFTokenizer)}
 
 
 def compute_sha256(folder: Path, config: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ def local_tokenizer(store: Store, sha256: str) -> Path:
     tmp.mkdir(parents=True)
     try:
         for name in MODEL_FILES.get(kind, ()):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # the hf kind keeps its files in hf/
             (tmp / name).write_bytes(store.read_bytes(f"{TOKENIZER_COPY}/{name}"))
         (tmp / CONFIG_FILE).write_bytes(config_bytes)  # last: a folder with a config is complete
         try:

@@ -56,11 +56,15 @@ class DiffusionConfig:
     """Scalar on the corrector loss (the official config defaults to 0; the released runs use 1)."""
     corrector_training_start_step: int = field(default=0, metadata={"ge": -1})
     """Train plain MDLM before this optimizer step, then the joint loss (0 or -1: from the start)."""
-    loss_chunk_tokens: int = field(default=1024, metadata={"ge": 0})
+    loss_chunk_tokens: int = field(default=512, metadata={"ge": 0})
     """The losses, pass 1's argmax and the corrector loss are computed from the model's final
     features this many tokens at a time, the output projection fused in and its logits recomputed
     in backward, so no B x L x vocabulary tensor is ever held (same loss and gradients). 0: the
     model returns the whole logits, as the sampler needs them."""
+    cond_dropout: float = field(default=0.1, metadata={"ge": 0, "lt": 1})
+    """With data.labels (classifier-free guidance): the probability that a training sample's label
+    is replaced by the null class, which trains the unconditional model beside the conditional one
+    (0.1, the paper's QM9 runs). Drawn from the sample's position, the same on every layout."""
 
 
 @dataclass
@@ -94,6 +98,10 @@ class DataConfig:
     """Attempts after the first failed one for a remote read; the run stops with the URL named after the last."""
     read_backoff_s: float = field(default=1.0, metadata={"ge": 0})
     """Wait before the first retry, doubling with every further one (capped at 30 s)."""
+    labels: str | None = None
+    """Train on class labels for classifier-free guidance: the name of a label set beside the
+    shards (labels/NAME/, written by `proseco label SHARDS --property NAME`); model.num_classes
+    comes from its labels.json. null: no labels (an unconditional model)."""
 
 
 @dataclass
@@ -241,6 +249,15 @@ class SamplingConfig:
     filled with EOS and no further forwards spent (LLaDA's harness stops so; its NFEs count so)."""
     seed: int = field(default=0, metadata={"ge": 0})
     """Seed of the sampler's random draws."""
+    label: int | None = field(default=None, metadata={"ge": 0})
+    """Class to sample (a model trained with data.labels; 0..model.num_classes-1). null: the
+    unconditional model (the null class)."""
+    guidance: float = field(default=1.0, metadata={"ge": 0})
+    """Classifier-free guidance scale gamma (with sampling.label): the denoiser's log-probabilities
+    are gamma * conditional + (1 - gamma) * unconditional, renormalised (the official code's
+    formula): 1 is the conditional model alone (one forward), 0 the unconditional one, above 1
+    pushes towards the label (the paper's QM9 figure: 1..5). The corrector always uses the
+    conditional model."""
 
 
 @dataclass

@@ -31,7 +31,8 @@ def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
 def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Every check that needs no process group; raises one ConfigError listing all problems."""
     problems = (_range_problems(cfg) + _model_problems(cfg) + _diffusion_problems(cfg)
-                + _layout_problems(cfg, world_size) + _engine_problems(cfg) + _sampling_problems(cfg))
+                + _layout_problems(cfg, world_size) + _engine_problems(cfg) + _sampling_problems(cfg)
+                + _guidance_problems(cfg))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -130,6 +131,28 @@ def _sampling_problems(cfg: RunConfig) -> list[str]:
         (s.unmasking == "posterior" or s.block_length is None,
          "sampling.unmasking=confidence is for the non-block sampler; block mode (sampling.block_length) always "
          "unmasks by confidence: drop one of them"))
+
+
+def _guidance_problems(cfg: RunConfig) -> list[str]:
+    """Classifier-free guidance: labels need a family with a label embedding; model.num_classes,
+    sampling.label and sampling.guidance need a label set to have been trained on."""
+    m, s, labels = cfg.model, cfg.sampling, cfg.data.labels
+    if not hasattr(m, "num_classes"):
+        return _checks((labels is None and s.label is None,
+                        f"data.labels and sampling.label need a model with a class-label embedding; model.family="
+                        f"{m.family} has none (use model.family=dit, or set data.labels and sampling.label to null)"))
+    classes = m.num_classes  # None until the label set is read (pretrain.train.resolve_label_classes)
+    return _checks(
+        (labels is not None or not classes,
+         f"model.num_classes={classes} but data.labels is null: name the label set to train on "
+         "(data.labels=NAME, `proseco label`) or set model.num_classes=null"),
+        (s.label is None or labels is not None,
+         f"sampling.label={s.label} needs a model trained on labels (data.labels); set sampling.label=null"),
+        (s.label is None or classes is None or s.label < classes,
+         f"sampling.label={s.label} is not a class of the label set data.labels={labels} (classes 0.."
+         f"{(classes or 1) - 1}); choose one of them"),
+        (s.guidance == 1.0 or s.label is not None,
+         f"sampling.guidance={s.guidance} guides towards a class: set sampling.label too (or sampling.guidance=1)"))
 
 
 def _run_dir_problems(run_dir: str) -> list[str]:

@@ -145,6 +145,24 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Name -> the safetensors file that holds it, for every tensor of a folder whose weights are
+    safetensors (one file or shards), from the headers alone."""
+    where: dict[str, Path] = {}
+    for file in weight_files(folder):
+        with _safetensors(file) as handle:
+            _merge(where, dict.fromkeys(handle.keys(), file), file)
+    return where
+
+
+def read_tensor(file: Path, key: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+    """Tensor `key` of a safetensors file, as stored, or only its block `index` (one slice per
+    leading dimension): only those bytes are read. The file is mapped for this one read, so the
+    pages it touched leave this process's memory with it."""
+    with _safetensors(file) as handle:
+        return handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
+
+
 def _merge(into: dict, found: dict, file: Path) -> None:
     repeated = sorted(set(into) & set(found))
     if repeated:

@@ -74,20 +74,31 @@ def from_folder(family: ModelFamily, cfg: ModelConfig, tensors: dict[str, torch.
     """The folder's tensors (checked by `check_shapes`) -> full weights under this framework's
     names, the vocabulary rows padded to the config's, in float32 (exact from any float type)."""
     buffers = family.official_buffers(cfg)
-    for name, expected in buffers.items():
-        if name in tensors and not torch.allclose(tensors[name].float(), expected, rtol=1e-6, atol=0):
-            raise CheckpointError(f"{name} does not hold the values this model config gives it (rope base "
-                                  "or head size differ from config.json's)")
+    check_buffers(buffers, tensors)
     weights = {name: t for name, t in tensors.items() if name not in buffers}
     for name, t in weights.items():
-        if not t.is_floating_point():
-            raise CheckpointError(f"{name} is a {t.dtype} tensor; model weights are floating point")
+        check_weight(name, t)
     if layout == PAPER:
         weights = family.from_official(weights, cfg)
     else:  # an export of an earlier version may hold older names
         weights = family.upgrade_state({name[len(family.hf_prefix):]: t for name, t in weights.items()}, cfg)
     weights = {name: t.to(torch.float32) for name, t in weights.items()}
     return resize_vocab(family, weights, cfg.vocab_size, ModelShape.of(cfg).vocab_size)
+
+
+def check_buffers(buffers: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointError unless each published buffer a folder holds (`tensors`, by name) has the
+    values the model config gives it (`buffers`, the family's official_buffers)."""
+    for name, expected in buffers.items():
+        if name in tensors and not torch.allclose(tensors[name].float(), expected, rtol=1e-6, atol=0):
+            raise CheckpointError(f"{name} does not hold the values this model config gives it (rope base "
+                                  "or head size differ from config.json's)")
+
+
+def check_weight(name: str, tensor: torch.Tensor) -> None:
+    """CheckpointError unless stored weight `name` is floating point (any float type converts exactly)."""
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{name} is a {tensor.dtype} tensor; model weights are floating point")
 
 
 def expected_shapes(family: ModelFamily, cfg: ModelConfig, layout: str, rows: int) -> dict[str, tuple[int, ...]]:

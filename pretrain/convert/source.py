@@ -5,8 +5,10 @@
     a checkpoint or run folder  DCP shards saved at any dp/tp/pp layout
 
 `open_source` reads only headers and metadata, and checks a folder's keys and shapes against the
-model its config.json describes; `Source.load()` then reads the tensors. Nothing is unpickled
-with code: safetensors, `weights_only=True`, and the checkpoints' allow-listed reader.
+model its config.json describes; `Source.load()` then reads the tensors, `Source.load_into()`
+streams them into a rank's shards (a checkpoint by DCP, safetensors one parameter at a time,
+stream.py). Nothing is unpickled with code: safetensors, `weights_only=True`, and the
+checkpoints' allow-listed reader.
 """
 
 from __future__ import annotations
@@ -17,16 +19,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from parallel.ranges import field_problems
-from pretrain.checkpoint import read_meta, require_verified, resolve_checkpoint
+from pretrain.checkpoint import dcp_load, read_meta, require_verified, resolve_checkpoint
 from pretrain.checkpoint.folder import is_deepspeed_checkpoint
 from pretrain.checkpoint.inference import load_weights, stored_shapes
 from pretrain.config import RunConfig, load_config_dict
 from pretrain.convert import hf_folder
-from pretrain.convert.layouts import PAPER, check_shapes, expected_shapes, from_folder, layout_of, upgraded_shapes
+from pretrain.convert.layouts import (
+    PAPER,
+    check_buffers,
+    check_shapes,
+    expected_shapes,
+    from_folder,
+    layout_of,
+    resize_vocab_rows,
+    upgraded_shapes,
+)
+from pretrain.convert.stream import plan_reads, stream_weights
 from pretrain.errors import CheckpointError, ConfigError, UserError
 from pretrain.models import ModelShape, get_family
+from pretrain.models.init import copy_full_into_local
 
 PUBLISHED_FAMILIES = {"proseco": "dit", "llada": "llada"}  # config.json model_type of a published layout -> its family
 EMA_PREFIX = "ema."  # consolidate()'s names for the EMA weights
@@ -45,6 +59,14 @@ class Source:
     """Name -> shape of every weight `load` returns, in the model's parameter order."""
     load: Callable[[], dict[str, torch.Tensor]]
     """Read the weights (full tensors on the CPU, float32, this framework's names)."""
+    load_into: Callable[[dict[str, torch.Tensor], int], None] | None = None
+    """load_into(params, rows): the weights straight into `params` (name -> parameter, whole or
+    this rank's DTensor shard), vocabulary parameters re-padded to `rows` rows, without the whole
+    model in memory: a checkpoint reads each rank's slices (DCP); safetensors files (a folder in
+    either layout, sharded or not, a consolidated file) one parameter at a time, only the shard's
+    slice where the parameter is one stored tensor renamed (stream.py). All ranks call it
+    together. None where only `load` can read the weights (pytorch_model.bin folders, a family
+    without `weight_sources`)."""
 
 
 def open_source(path: str | Path, ema: bool = True) -> Source:
@@ -120,7 +142,7 @@ def open_folder(folder: Path) -> Source:
                               f"least vocab_size={run.model.vocab_size}")
     expected = expected_shapes(family, run.model, layout, rows)
     described = f"the model its config.json describes ({_summary(config)})"
-    found = hf_folder.read_shapes(folder)
+    found = stored = hf_folder.read_shapes(folder)
     if layout != PAPER:  # an export of an earlier version may hold older names (mapped on load)
         found = upgraded_shapes(family, run.model, found)
     check_shapes(found, expected, str(folder), described,
@@ -129,7 +151,26 @@ def open_folder(folder: Path) -> Source:
     def load() -> dict[str, torch.Tensor]:
         return from_folder(family, run.model, hf_folder.read_tensors(folder), layout)
 
-    return Source(folder, f"Hugging Face folder ({layout} layout)", run, _model_shapes(run), load)
+    stream = None
+    if all(file.suffix == ".safetensors" for file in hf_folder.weight_files(folder)):
+        plan = plan_reads(family, run.model, _model_shapes(run), stored,
+                          prefix="" if layout == PAPER else family.hf_prefix, official=layout == PAPER)
+        if plan is not None:
+            stream = _folder_stream(folder, family, run.model, plan, stored)
+    return Source(folder, f"Hugging Face folder ({layout} layout)", run, _model_shapes(run), load, stream)
+
+
+def _folder_stream(folder: Path, family, cfg, plan, stored: dict[str, tuple[int, ...]]):
+    """load_into for a folder of safetensors weights: its published buffers checked (they are
+    small), then each parameter read as `plan` says."""
+
+    def load_into(params: dict[str, torch.Tensor], rows: int) -> None:
+        files = hf_folder.tensor_files(folder)
+        buffers = family.official_buffers(cfg)
+        check_buffers(buffers, {name: hf_folder.read_tensor(files[name], name) for name in buffers if name in files})
+        stream_weights(params, rows, plan, files, stored, family, cfg.vocab_size)
+
+    return load_into
 
 
 def _summary(config: dict) -> str:
@@ -146,7 +187,7 @@ def open_consolidated(file: Path, ema: bool) -> Source:
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            raw = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
     if "config" not in metadata:
@@ -154,7 +195,7 @@ def open_consolidated(file: Path, ema: bool) -> Source:
                               "consolidate`; for a Hugging Face folder pass the folder")
     run = _run_config(json.loads(metadata["config"]), str(file))
     family = get_family(run.model.family)
-    stored = upgraded_shapes(family, run.model, stored)  # a file of an earlier version: older names mapped
+    stored = upgraded_shapes(family, run.model, raw)  # a file of an earlier version: older names mapped
     prefix = EMA_PREFIX if ema and any(k.startswith(EMA_PREFIX) for k in stored) else ""
     names = {name: prefix + name for name in _model_shapes(run)}
     found = {name: stored[key] for name, key in names.items() if key in stored}
@@ -167,7 +208,18 @@ def open_consolidated(file: Path, ema: bool) -> Source:
         return {name: tensors[key].float() for name, key in names.items()}
 
     weights = "EMA" if prefix else "raw"
-    return Source(file, f"consolidated file ({weights} weights)", run, found, load)
+    plan = plan_reads(family, run.model, names, raw, prefix=prefix)  # older names too: their sources
+    stream = None if plan is None else _file_stream(file, family, run.model, plan, raw)
+    return Source(file, f"consolidated file ({weights} weights)", run, found, load, stream)
+
+
+def _file_stream(file: Path, family, cfg, plan, stored: dict[str, tuple[int, ...]]):
+    """load_into for one safetensors file: each parameter read as `plan` says."""
+
+    def load_into(params: dict[str, torch.Tensor], rows: int) -> None:
+        stream_weights(params, rows, plan, dict.fromkeys(stored, file), stored, family, cfg.vocab_size)
+
+    return load_into
 
 
 def open_checkpoint(path: Path, ema: bool) -> Source:
@@ -189,7 +241,34 @@ def open_checkpoint(path: Path, ema: bool) -> Source:
         require_verified(path, "digest", collective=False)
         return load_weights(path, key, shapes, lambda state: family.upgrade_state(state, run.model))
 
-    return Source(path, f"checkpoint ({'EMA' if key == 'ema' else 'raw'} weights)", run, found, load)
+    raw = stored_shapes(path, key)
+
+    def load_into(params: dict[str, torch.Tensor], rows: int) -> None:
+        """DCP reads each rank's slices straight into its shards when the stored rows are this
+        run's; else one whole tensor at a time, re-padded, then sliced."""
+        require_verified(path, "digest", collective=False)
+        # Decided from the checkpoint alone, so that every rank (also one without a vocabulary
+        # parameter, on a pipeline) takes the same, collective or not, path.
+        if all(raw[name][0] == rows for name in family.vocab_parameters if name in raw):
+            dcp_load({key: params}, path, no_dist=not dist.is_initialized())
+            return
+        for name, param in params.items():
+            whole = {name: torch.empty(raw[name])}
+            dcp_load({key: whole}, path, no_dist=True)
+            _copy_one(family, run.model.vocab_size, rows, name, whole.pop(name), param)
+
+    stream = load_into if all(name in raw for name in shapes) else None  # older names: load() maps them
+    return Source(path, f"checkpoint ({'EMA' if key == 'ema' else 'raw'} weights)", run, found, load, stream)
+
+
+# -- streaming into sharded parameters -----------------------------------------------------------
+
+def _copy_one(family, vocab_size: int, rows: int, name: str, tensor: torch.Tensor, param: torch.Tensor) -> None:
+    """One full weight (any float type) into its parameter's local part, vocabulary rows re-padded."""
+    tensor = tensor.to(torch.float32)
+    if name in family.vocab_parameters:
+        tensor = resize_vocab_rows(tensor, vocab_size, rows)
+    copy_full_into_local(param, tensor.to(param.device))
 
 
 # -- model.init_from ----------------------------------------------------------------------------

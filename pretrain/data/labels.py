@@ -50,13 +50,20 @@ class SplitLabels:
     def of(self, pieces: Sequence[Piece], n: int) -> np.ndarray:
         """The labels of the samples `pieces` hold, in the loader's row order (rows past the pieces,
         the padding of a short last batch, get class 0: their samples never count)."""
-        out = np.zeros(n, dtype=np.int64)
-        row = 0
-        for piece in pieces:
-            first = self.offsets[piece.shard]
-            out[row: row + piece.stop - piece.start] = self.values[first + piece.start: first + piece.stop]
-            row += piece.stop - piece.start
-        return out
+        return per_sample(self.values, self.offsets, pieces, n)
+
+
+def per_sample(values: np.ndarray, offsets: np.ndarray, pieces: Sequence[Piece], n: int) -> np.ndarray:
+    """One value per sample of a split (`values`, in manifest order; `offsets`: the index of each
+    shard's first sample) for the samples `pieces` hold, in the loader's row order, int64 [n];
+    rows past the pieces (the padding of a short last batch) get 0."""
+    out = np.zeros(n, dtype=np.int64)
+    row = 0
+    for piece in pieces:
+        first = offsets[piece.shard]
+        out[row: row + piece.stop - piece.start] = values[first + piece.start: first + piece.stop]
+        row += piece.stop - piece.start
+    return out
 
 
 def open_labels(folder: str | Path, name: str, split: str, counts: Sequence[int], fingerprint: str,

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.labels import SplitLabels, open_labels
 from pretrain.data.order import EpochOrder, Piece
+from pretrain.data.prompts import SFT_PACKING, SplitPromptLengths, open_prompt_lengths
 from pretrain.data.shards import SampleReader, SplitShards, open_split
 from pretrain.errors import UserError
 from tokenizer.format import ShardError
@@ -94,11 +95,14 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: SplitShards, order: EpochOrder, schedule: TrainSchedule | EvalSchedule,
                  max_corrupt_fraction: float, limit: int | None = None, verify_digests: bool = True,
-                 prefetch: int = 0, labels: SplitLabels | None = None):
+                 prefetch: int = 0, labels: SplitLabels | None = None,
+                 prompt_lengths: SplitPromptLengths | None = None):
         super().__init__()
         self.shards, self.order, self.schedule = shards, order, schedule
         self.labels = labels
         """Conditioning labels of the split (data.labels): items then carry each sample's class."""
+        self.prompt_lengths = prompt_lengths
+        """Prompt lengths of an SFT split: items then carry each sample's ``prompt_length``."""
         self.max_corrupt_fraction, self.verify_digests = max_corrupt_fraction, verify_digests
         self.limit = limit
         """One-pass mode: positions >= limit are padding (valid=False), holding sample position % limit."""
@@ -164,6 +168,8 @@ class ShardStream(IterableDataset):
                 "corrupt": int(corrupt.sum())}
         if self.labels is not None:
             item["label"] = self.labels.of(pieces, mb)
+        if self.prompt_lengths is not None:
+            item["prompt_length"] = self.prompt_lengths.of(pieces, mb)
         return item
 
 
@@ -179,8 +185,8 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _to_torch(item: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
-    for key in ("tokens", "position", "valid", "label"):
-        if key not in item:  # "label" only with data.labels
+    for key in ("tokens", "position", "valid", "label", "prompt_length"):
+        if key not in item:  # "label" only with data.labels, "prompt_length" only from SFT folders
             continue
         tensor = torch.from_numpy(item[key])  # no copy
         item[key] = tensor.pin_memory() if pin_memory else tensor
@@ -271,6 +277,7 @@ class TrainLoader:
         self.manifest, self.shards = open_split(folder, split, expected_tokenizer_sha256=expected_tokenizer_sha256,
                                                 max_corrupt_fraction=max_corrupt_fraction, policy=read_policy)
         self.labels = _labels(folder, labels, split, self.manifest, self.shards, read_policy)
+        self.prompt_lengths = _prompt_lengths(folder, split, self.manifest, self.shards, read_policy)
         self.prefetch = prefetch
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
@@ -318,7 +325,7 @@ class TrainLoader:
                                  micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size)
         stream = ShardStream(self.shards, EpochOrder(self.shards.counts, self.seed, self.shuffle), schedule,
                              self.max_corrupt_fraction, verify_digests=self.verify_digests, prefetch=self.prefetch,
-                             labels=self.labels)
+                             labels=self.labels, prompt_lengths=self.prompt_lengths)
         return self._consume(_items(stream, self.num_workers, self.pin_memory), self._generation)
 
     def _consume(self, items: Generator[dict[str, Any], None, None], generation: int) -> Iterator[dict[str, Any]]:
@@ -407,6 +414,7 @@ class EvalLoader:
         self.manifest, self.shards = open_split(folder, split, expected_tokenizer_sha256=expected_tokenizer_sha256,
                                                 max_corrupt_fraction=max_corrupt_fraction, policy=read_policy)
         self.labels = _labels(folder, labels, split, self.manifest, self.shards, read_policy)
+        self.prompt_lengths = _prompt_lengths(folder, split, self.manifest, self.shards, read_policy)
         self.prefetch = prefetch
         self.verify_digests = verify_digests
         self.samples = self.shards.samples if max_samples is None else max(0, min(self.shards.samples, max_samples))
@@ -424,7 +432,8 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         order = EpochOrder(self.shards.counts, seed=0, shuffle=False)
         stream = ShardStream(self.shards, order, self.schedule, self.max_corrupt_fraction, limit=self.samples,
-                             verify_digests=self.verify_digests, prefetch=self.prefetch, labels=self.labels)
+                             verify_digests=self.verify_digests, prefetch=self.prefetch, labels=self.labels,
+                             prompt_lengths=self.prompt_lengths)
         items = _items(stream, self.num_workers, self.pin_memory)
         try:
             for item in items:
@@ -452,3 +461,12 @@ def _labels(folder: str | Path, name: str | None, split: str, manifest, shards: 
     if name is None:
         return None
     return open_labels(folder, name, split, shards.counts, manifest.fingerprint, policy)
+
+
+def _prompt_lengths(folder: str | Path, split: str, manifest, shards: SplitShards,
+                    policy: ReadPolicy) -> SplitPromptLengths | None:
+    """The prompt lengths of an SFT folder's split (manifest packing "sft"), checked against its
+    shards; None for any other folder. The folder alone decides: SFT data trains response-only."""
+    if manifest.packing != SFT_PACKING:
+        return None
+    return open_prompt_lengths(folder, split, shards.counts, manifest.fingerprint, manifest.seq_len, policy)

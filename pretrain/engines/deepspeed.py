@@ -44,7 +44,7 @@ from pretrain.checkpoint.folder import DEEPSPEED_DIR, is_deepspeed_checkpoint
 from pretrain.checkpoint.inference import refuse_resume_if_renamed
 from pretrain.errors import CheckpointError, UserError
 from pretrain.optim import lr_factor
-from pretrain.train import Trainer
+from pretrain.train import Trainer, starts_fresh
 
 EMA_DIR = "ema"
 ENGINE_KEY = "engine"
@@ -66,7 +66,13 @@ class DeepSpeedTrainer(Trainer):
         self.zero_stage = zero_stage(json_cfg)
         # The family's plan on a one-process layout applies what is left of it: activation checkpointing.
         alone = Layout(dp=1, tp=1, pp=1, dp_rank=0, tp_rank=0, pp_rank=0, replicate=True)
-        model = self.family.parallelize(self._build_parts()[0], alone, None, cfg.parallel)
+        # Built on the meta device and materialised whole (keyed by train.seed): ZeRO partitions a
+        # whole model, which every rank holds until the engine starts.
+        torch.manual_seed(cfg.train.seed)  # as Trainer._setup_model
+        model = self.family.parallelize(self.family.build(cfg.model, self.shape, self.env.device, cfg.train.seed),
+                                        alone, None, cfg.parallel)
+        if cfg.model.init_from and starts_fresh(cfg):
+            self._initialise_from([model])
         o = cfg.optim
         run = RunSettings(micro_batch_size=cfg.data.micro_batch_size, accumulation=self.accum, dp=self.dp_size,
                           lr=o.lr * lr_factor(0, o, cfg.train.max_steps), betas=tuple(o.betas), eps=o.eps,

@@ -12,7 +12,6 @@ Adding a family adds a folder here; neither parallel/ nor the training loop chan
 
 from __future__ import annotations
 
-import copy
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -31,17 +30,17 @@ MAX_PARAMETERS = 10**13
 MAX_SEQUENCE_ACTIVATIONS = 10**13
 
 
-def copy_with_stage_blocks(full, stage: int, counts: list[int]):
-    """A deep copy of `full` (a model whose blocks sit in a ModuleDict `blocks` keyed "0".."n-1")
-    keeping only the blocks of pipeline stage `stage` of len(counts) stages; parameter names are
-    unchanged. The family's build_stage then drops what only the first or last stage owns."""
-    part = copy.deepcopy(full)
+def keep_stage_blocks(model, stage: int, counts: list[int]):
+    """`model` (a model whose blocks sit in a ModuleDict `blocks` keyed "0".."n-1", usually just
+    built on the meta device) with only the blocks of pipeline stage `stage` of len(counts)
+    stages left, in place; parameter names are unchanged. The family's build_stage then drops
+    what only the first or last stage owns."""
     first = sum(counts[:stage])
     keep = {str(i) for i in range(first, first + counts[stage])}
-    for name in list(part.blocks.keys()):
+    for name in list(model.blocks.keys()):
         if name not in keep:
-            del part.blocks[name]
-    return part
+            del model.blocks[name]
+    return model
 
 
 @dataclass
@@ -115,11 +114,15 @@ class ModelFamily:
 
     name: str
     build: Callable[..., Any]
-    """build(cfg, shape, device=None) -> nn.Module with the family's initialisation."""
+    """build(cfg, shape, device=None, seed=0) -> nn.Module: on device="meta" without storage (to be
+    parallelised, then materialised by pretrain.models.init.materialise), else materialised and
+    initialised keyed by seed; `module.init_weights(seed)` (re)initialises it, whole or sharded."""
     parallelize: Callable[..., Any]
     """parallelize(module, layout, mesh, parallel_cfg) -> the module, parallelised in place."""
     build_stage: Callable[..., Any]
-    """build_stage(full, stage, layers_per_stage) -> the part of `full` pipeline stage `stage` owns."""
+    """build_stage(cfg, shape, stage, layers_per_stage) -> on the meta device, the part of the
+    model pipeline stage `stage` owns (its blocks, and the embedding or head), with the full
+    model's parameter names."""
     forward_flops: Callable[..., int]
     """forward_flops(cfg, shape) -> forward FLOPs of one sequence (backward = 2x)."""
     to_official: Callable[[dict, Any], dict]
@@ -148,6 +151,13 @@ class ModelFamily:
     hf_modeling_file: str
     """Path of the self-contained modeling file (torch and transformers only) that an exported
     Hugging Face folder carries as remote code; official_config's auto_map names its classes."""
+    weight_sources: Callable[..., list] | None = None
+    """weight_sources(name, cfg, official) -> where parameter `name` is stored, for reading one
+    parameter at a time into its shards: candidates [(stored names, combine)], the first whose
+    tensors are all stored taken; combine(full tensors) -> the parameter's full tensor, or None
+    when it is one stored tensor renamed (then only a shard's slice of it is read). official: the
+    published layout (full names); else this framework's (names under the reader's prefix). None:
+    every reader loads the family's weights whole."""
 
 
 def family_names() -> list[str]:

@@ -11,9 +11,18 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.head_dim, self.base = head_dim, base
         # Not persistent: a function of head_dim and base, recomputed on load (also on meta devices).
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    def reset_buffers(self) -> None:
+        """Recompute inv_freq in place: a model built on the meta device gets it back after to_empty."""
+        with torch.no_grad():
+            self.inv_freq.copy_(self._inv_freq())
+        self._key = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables [1, L, 1, head_dim], computed once per length and device; inside a

@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_parallel.py (gloo, CPU).
 
-    parity SHARDS OUT.json          every layout this world size allows against one process
+    parity SHARDS OUT.json [LABELS] every layout this world size allows against one process (with a
+                                    label set of SHARDS: also labelled runs, classifier-free guidance)
     continue OUT.json [a=b ...]     resume at this layout, dump what was loaded, train on
     train [a=b ...]                 `proseco train` with overrides (PROSECO_TEST_DIE=rank=R,step=S[,stamp=FILE]
                                     kills rank R before step S, writing the time of death to FILE)
@@ -27,6 +28,7 @@ from parallel.gradients import global_grad_norm
 from pretrain.checkpoint import app_state
 from pretrain.config import load_config, validate
 from pretrain.models.dit.model import DiT
+from pretrain.models.init import Init, keyed_init
 from pretrain.train import Trainer, train
 
 TINY = ["model.d_model=32", "model.n_layers=4", "model.n_heads=4", "model.cond_dim=16", "model.vocab_multiple=8",
@@ -64,13 +66,11 @@ def one_step(trainer: Trainer, counter: CountCollectives | None = None
     return sums, grads
 
 
-@torch.no_grad()
-def random_init(model) -> None:
+def random_init(model, seed: int = 0) -> None:
     """Non-zero weights everywhere: at the real initialisation the zero adaLN gates give every
-    attention and MLP weight a zero gradient, which would make parity trivial."""
-    generator = torch.Generator().manual_seed(0)
-    for p in model.parameters():
-        p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    attention and MLP weight a zero gradient, which would make parity trivial. Keyed by name and
+    position (pretrain/models/init.py), so every layout's shards hold the same weights."""
+    keyed_init(model, seed, lambda *_: Init.normal(0.1))
 
 
 def layouts(world: int) -> list[list[str]]:
@@ -94,16 +94,29 @@ def layouts(world: int) -> list[list[str]]:
     raise SystemExit(f"no layouts for world size {world}")
 
 
-def parity(shards: str, out: str, env: DistEnv) -> None:
+def labelled_layouts(world: int, mode: str) -> list[list[str]]:
+    """Labelled runs (2 ranks): the class labels and their keyed dropout on dp=2 and tp=2 (reuse) and
+    across pipeline stages (two-pass: stage 0 adds the labels to c, which travels on)."""
+    if world != 2:
+        return []
+    if mode == "reuse":
+        return [["parallel.dp=2", "parallel.data_parallel=fsdp"], ["parallel.tp=2"]]
+    return [["parallel.pp=2", "train.step_mode=two_pass", "parallel.pp_schedule=1f1b"]]
+
+
+def parity(shards: str, out: str, env: DistEnv, labels: str | None = None) -> None:
     DiT.init_weights = random_init
     results = []
     single = DistEnv(0, 1, 0, env.device, "single")
-    for mode in ("reuse", "two_pass"):
+    cases = [("reuse", []), ("two_pass", [])]
+    if labels is not None:  # half the labels dropped, so that the null class is trained too
+        cases += [(mode, [f"data.labels={labels}", "diffusion.cond_dropout=0.5"]) for mode in ("reuse", "two_pass")]
+    for mode, extra in cases:
         base = [f"data.shards={shards}", "logging.run_dir=/tmp/unused", *TINY, f"train.step_mode={mode}",
-                "diffusion.loss_chunk_tokens=0"]
+                "diffusion.loss_chunk_tokens=0", *extra]
         reference = Trainer(load_config(None, base), single)
         ref_sums, ref_grads = one_step(reference)
-        for layout in layouts(env.world_size):
+        for layout in (labelled_layouts(env.world_size, mode) if extra else layouts(env.world_size)):
             if mode == "reuse" and "parallel.pp=2" in layout:
                 continue  # reuse needs the whole model in one stage (the config rejects it)
             cfg = load_config(None, [*base, *layout])
@@ -114,11 +127,14 @@ def parity(shards: str, out: str, env: DistEnv) -> None:
             grad_error = max(errors.values())
             worst = max(errors, key=errors.get)
             grad_scale = max(g.abs().max().item() for g in ref_grads.values())
-            results.append({"mode": mode, "layout": " ".join(layout), "loss": sums["loss"],
+            results.append({"mode": mode, "layout": " ".join([*extra, *layout]), "loss": sums["loss"],
                             "reference_loss": ref_sums["loss"],
                             "loss_error": max(abs(sums[k] - ref_sums[k]) for k in ref_sums),
                             "grad_error": grad_error, "grad_scale": grad_scale, "worst": worst,
-                            "names_match": sorted(grads) == sorted(ref_grads), **reduced_bytes(trainer, mode, counter)})
+                            "names_match": sorted(grads) == sorted(ref_grads), **reduced_bytes(trainer, mode, counter),
+                            # labelled runs: the label embedding is trained (its gradient is compared above)
+                            "label_grad": float(ref_grads["cond_map.embedding_table.weight"].abs().max()) if extra
+                            else None})
     if env.rank == 0:
         with open(out, "w") as stream:
             json.dump(results, stream, indent=1)
@@ -191,7 +207,7 @@ def main() -> None:
         return
     env = init_distributed(detect_launch(), "cpu", 60.0)
     if command == "parity":
-        parity(args[0], args[1], env)
+        parity(args[0], args[1], env, *args[2:3])
     elif command == "continue":
         resume_dump_and_train(args[0], args[1:], env)
     dist.barrier()

@@ -14,6 +14,7 @@ base (1e4), which this framework's models may change."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ _EMBEDDING = ("vocab_embed.weight", "vocab_embed.embedding")
 _QKV = re.compile(r"^blocks\.\d+\.attn_qkv\.weight$")
 # attn_q/attn_k/attn_v of checkpoints written before the fusion, under any prefix ("ema.", "backbone.")
 _LEGACY_QKV = re.compile(r"^(.*\bblocks\.\d+\.)attn_([qkv])\.weight$")
+Combine = Callable[[list[torch.Tensor]], torch.Tensor]  # stored full tensors -> one parameter's full tensor
 
 
 def head_major_from_official(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -68,6 +70,25 @@ def from_official(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, t
             tensor = head_major_from_official(tensor, cfg.n_heads)
         out[_EMBEDDING[0] if name == _EMBEDDING[1] else name] = tensor
     return out
+
+
+def weight_sources(name: str, cfg: DiTConfig, official: bool) -> list[tuple[tuple[str, ...], Combine | None]]:
+    """Where parameter `name` is stored, one parameter at a time (the per-tensor inverse of
+    to_official, and of the earlier names upgrade_state maps): candidates in order of preference,
+    each the stored tensors' names and how their full tensors make the parameter's, None for the
+    parameter itself renamed (so any slice of it can be read alone). official: the published
+    layout, full names; else this framework's layout, names under the reader's own prefix."""
+    if official:
+        stored = PREFIX + (_EMBEDDING[1] if name == _EMBEDDING[0] else name)
+        if _QKV.match(name):
+            return [((stored,), lambda tensors: head_major_from_official(tensors[0], cfg.n_heads))]
+        return [((stored,), None)]
+    candidates: list[tuple[tuple[str, ...], Combine | None]] = [((name,), None)]
+    if _QKV.match(name):  # a checkpoint written before the fusion: the three projections apart
+        block = name[:-len("attn_qkv.weight")]
+        candidates.append((tuple(f"{block}attn_{x}.weight" for x in "qkv"),
+                           lambda tensors: head_major_from_official(torch.cat(tensors), cfg.n_heads)))
+    return candidates
 
 
 def upgrade_state(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
@@ -108,21 +129,23 @@ def official_config(cfg: DiTConfig, strict: bool = True) -> dict:
                         f"{', '.join(changed)}; export it in the proseco-pretrain layout instead")
     fields = {json_name: getattr(cfg, name) for json_name, name in {**_FIELDS, **_OPTIONAL}.items()}
     return {"model_type": "proseco", "architectures": ["Proseco"], "auto_map": dict(AUTO_MAP), **fields,
-            "cfg": False, "cfg_num_classes": -1, "return_dict": False}
+            "cfg": bool(cfg.num_classes), "cfg_num_classes": cfg.num_classes or -1, "return_dict": False}
 
 
 def model_fields(config: dict) -> dict:
     """DiTConfig fields of a config.json in the published layout (UserError naming a missing or
     unsupported field)."""
-    if config.get("cfg"):
-        raise UserError("config.json has cfg=true: a class-conditional model (a label embedding, cond_map), "
-                        "which this framework's DiT does not have")
     missing = [name for name in _FIELDS if name not in config]
     if missing:
         raise UserError(f"config.json lacks {missing[0]}, a field of the published ProsecoConfig "
                         f"(expected: {', '.join(_FIELDS)})")
     fields = {name: config[json_name] for json_name, name in _FIELDS.items()}
     fields.update({name: config.get(json_name, RELEASED_FIXED[name]) for json_name, name in _OPTIONAL.items()})
+    if config.get("cfg"):  # class-conditional: a label embedding (cond_map) of cfg_num_classes + 1 rows
+        if not isinstance(config.get("cfg_num_classes"), int) or config["cfg_num_classes"] < 1:
+            raise UserError(f"config.json has cfg=true but cfg_num_classes={config.get('cfg_num_classes')!r}: "
+                            "a class-conditional model needs its number of classes (>= 1)")
+        fields["num_classes"] = config["cfg_num_classes"]
     return fields
 
 

@@ -35,6 +35,10 @@ class DiTConfig(ModelConfig):
     """Base of the rotary position embedding (above 1, so that the frequencies base^(-2i/d) fall)."""
     attention: Literal["auto", "sdpa", "flash"] = "auto"
     """Attention kernel: flash-attn when importable and on CUDA (auto), else PyTorch SDPA."""
+    num_classes: int | None = field(default=None, metadata={"ge": 0})
+    """Classes of the conditioning labels (classifier-free guidance): the model adds a label
+    embedding of num_classes + 1 rows (the last the null class) to c. None takes it from the label
+    set named by data.labels (0 without one: no label embedding)."""
 
     @property
     def num_layers(self) -> int:
@@ -112,7 +116,8 @@ def num_parameters(cfg: DiTConfig, vocab_rows: int) -> int:
              + cond * 6 * d + 6 * d)              # adaLN modulation
     conditioning = FREQUENCY_FEATURES * cond + cond + cond * cond + cond
     final = d + d * vocab_rows + vocab_rows + cond * 2 * d + 2 * d
-    return vocab_rows * d + conditioning + cfg.n_layers * block + final
+    labels = (cfg.num_classes + 1) * cond if cfg.num_classes else 0  # the label embedding, null class included
+    return vocab_rows * d + conditioning + labels + cfg.n_layers * block + final
 
 
 def sequence_activations(cfg: DiTConfig, seq_len: int) -> int:

@@ -18,7 +18,6 @@ own, keep the same parameter names as the full model.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from torch import nn
 
 from pretrain.models import ModelShape
 from pretrain.models.dit.config import DiTConfig
+from pretrain.models.init import Init, keyed_init, materialise
 from pretrain.models.rotary import Rotary, apply_rotary
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal features of sigma, as upstream
@@ -93,6 +93,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
     return out.transpose(1, 2)
 
 
+class LabelEmbedder(nn.Module):
+    """Class label -> a vector added to the conditioning c (classifier-free guidance), as the
+    official DiT's `cond_map`: num_classes + 1 rows, the last one the null class that label
+    dropout trains as the unconditional model."""
+
+    def __init__(self, num_classes: int, cond_dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, cond_dim)
+        self.null_class = num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)
+
+
 class DiTBlock(nn.Module):
     """x + gate * Dropout(Attn(modulate(LN(x)))), then the same with the MLP."""
 
@@ -155,57 +169,81 @@ class DiT(nn.Module):
 
     emit_features = False
 
-    def __init__(self, cfg: DiTConfig, shape: ModelShape, device: torch.device | str | None = None):
+    def __init__(self, cfg: DiTConfig, shape: ModelShape, device: torch.device | str | None = None, seed: int = 0):
+        """Built on the meta device; unless `device` is "meta", materialised on `device` (default
+        torch's default device) and initialised keyed by `seed` (pretrain/models/init.py)."""
         super().__init__()
         self.cfg, self.shape = cfg, shape
-        with torch.device(device) if device is not None else nullcontext():
+        with torch.device("meta"):
             self._build(cfg, shape)
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        if device.type != "meta":
+            materialise(self, device, seed)
 
     def _build(self, cfg: DiTConfig, shape: ModelShape) -> None:
         self.vocab_embed = nn.Embedding(shape.vocab_size, cfg.d_model)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        # Official name and layout (backbone.cond_map.embedding_table.weight): exports map it by name.
+        self.cond_map = LabelEmbedder(cfg.num_classes, cfg.cond_dim) if cfg.num_classes else None
         self.rotary_emb = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base)
         self.blocks = nn.ModuleDict({str(i): DiTBlock(cfg) for i in range(cfg.n_layers)})
         self.output_layer = FinalLayer(cfg, shape.vocab_size)
-        if self.vocab_embed.weight.device.type != "meta":
-            self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Upstream initialisation: kaiming-uniform embedding, default Linear, zero adaLN and output."""
-        if self.vocab_embed is not None:
-            nn.init.kaiming_uniform_(self.vocab_embed.weight, a=math.sqrt(5))
-        for block in self.blocks.values():
-            nn.init.zeros_(block.adaLN_modulation.weight)
-            nn.init.zeros_(block.adaLN_modulation.bias)
-        if self.output_layer is not None:
-            for layer in (self.output_layer.adaLN_modulation, self.output_layer.linear):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+    def init_weights(self, seed: int = 0) -> None:
+        """Upstream initialisation, keyed by (seed, parameter name, position): this model's
+        parameters, whole, a pipeline stage's or this rank's shards of them (init_rule)."""
+        keyed_init(self, seed, self.init_rule)
+
+    @staticmethod
+    def init_rule(module_name: str, module: nn.Module, param_name: str) -> Init:
+        """Upstream's distributions: every adaLN modulation and the output projection zero (the
+        blocks start as the identity), embeddings kaiming-uniform (a=sqrt(5): U(+-1/sqrt(d))), other
+        Linear layers PyTorch's default (weight and bias U(+-1/sqrt(fan_in))), norms one. By module
+        type, so a module added later (an embedding, a Linear) is covered; an unknown one is an error."""
+        if isinstance(module, nn.Linear):
+            if module_name.endswith("adaLN_modulation") or module_name == "output_layer.linear":
+                return Init.constant(0.0)
+            return Init.uniform(1 / math.sqrt(module.in_features))
+        if isinstance(module, nn.Embedding):
+            return Init.uniform(1 / math.sqrt(module.embedding_dim))
+        if isinstance(module, LayerNorm):
+            return Init.constant(1.0)
+        raise TypeError(f"DiT.init_rule has no initialisation for {module_name}.{param_name} "
+                        f"({type(module).__name__}); add one")
 
     @property
     def output_head(self) -> nn.Linear | None:
         """The projection features -> logits (None on a pipeline stage without the output layer)."""
         return None if self.output_layer is None else self.output_layer.linear
 
-    def conditioning(self, sigma: torch.Tensor) -> torch.Tensor:
+    def conditioning(self, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The vector c that drives every adaLN modulation. Without time conditioning sigma is zeroed
-        (the network never sees t, as in every ProSeCo run) and c is a learned constant."""
+        (the network never sees t, as in every ProSeCo run) and c is a learned constant. A model
+        with class labels adds SiLU(label embedding), as the official DiT does; without `labels`
+        it is the unconditional model (the null class)."""
         if not self.cfg.time_conditioning:
             sigma = torch.zeros_like(sigma)
-        return F.silu(self.sigma_map(sigma))
+        c = F.silu(self.sigma_map(sigma))
+        if self.cond_map is None:
+            if labels is not None:
+                raise ValueError("class labels were given to a DiT without a label embedding (model.num_classes=0)")
+            return c
+        if labels is None:
+            labels = torch.full((c.shape[0],), self.cond_map.null_class, dtype=torch.long, device=c.device)
+        return c + F.silu(self.cond_map(labels))
 
-    def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None):
-        """tokens [B, L] and sigma [B] -> logits [B, L, V] (features [B, L, d] with emit_features).
+    def forward(self, tokens: torch.Tensor, sigma: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        """tokens [B, L], sigma [B] and class labels [B] (with model.num_classes; None: the null
+        class) -> logits [B, L, V] (features [B, L, d] with emit_features).
 
         A pipeline stage holds only some of the modules: without the embedding it takes the
-        residual stream and the conditioning vector (x, c) instead, and without the output layer
-        it returns (x, c) for the next stage.
+        residual stream and the conditioning vector (x, c) instead (c already holds the labels),
+        and without the output layer it returns (x, c) for the next stage.
         """
         if self.vocab_embed is not None:
             if sigma is None:
                 sigma = torch.zeros(tokens.shape[0], device=tokens.device)
-            x, c = self.vocab_embed(tokens), self.conditioning(sigma)
+            x, c = self.vocab_embed(tokens), self.conditioning(sigma, labels)
         else:
             x, c = tokens, sigma
         for block in self.blocks.values():

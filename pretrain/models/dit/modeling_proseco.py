@@ -41,8 +41,6 @@ class ProsecoConfig(PretrainedConfig):
                  time_conditioning: bool = False, cfg: bool = False, cfg_num_classes: int = -1,
                  mlp_ratio: int = 4, rope_base: float = 10000.0, vocab_rows: int | None = None,
                  weights_layout: str = "proseco-hf", **kwargs):
-        if cfg:
-            raise ValueError("class-conditional (cfg=True) ProSeCo models are not supported by this modeling file")
         self.vocab_size, self.model_length, self.hidden_dim = vocab_size, model_length, hidden_dim
         self.cond_dim, self.n_blocks, self.n_heads, self.dropout = cond_dim, n_blocks, n_heads, dropout
         self.time_conditioning, self.cfg, self.cfg_num_classes = time_conditioning, cfg, cfg_num_classes
@@ -146,18 +144,33 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+class LabelEmbedder(nn.Module):
+    """Class label -> a vector added to c (cfg=True): cfg_num_classes + 1 rows, the last the null class."""
+
+    def __init__(self, num_classes: int, cond_dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, cond_dim)
+
+
 class DiTBackbone(nn.Module):
     def __init__(self, config: ProsecoConfig):
         super().__init__()
         rows, d = config.vocab_rows, config.hidden_dim
         self.vocab_embed = BareEmbedding(rows, d) if config.weights_layout == "proseco-hf" else nn.Embedding(rows, d)
         self.sigma_map = TimestepEmbedder(config.cond_dim)
+        self.cond_map = LabelEmbedder(config.cfg_num_classes, config.cond_dim) if config.cfg else None
         self.rotary_emb = Rotary(d // config.n_heads, config.rope_base)
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_blocks))
         self.output_layer = FinalLayer(config)
 
-    def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor,
+                cond: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, c = self.vocab_embed(input_ids), F.silu(self.sigma_map(sigma))
+        if self.cond_map is not None:  # no label: the null class (the unconditional model)
+            if cond is None:
+                cond = torch.full((input_ids.shape[0],), self.cond_map.embedding_table.num_embeddings - 1,
+                                  dtype=torch.long, device=input_ids.device)
+            c = c + F.silu(self.cond_map.embedding_table(cond))
         hidden = [x]
         for block in self.blocks:
             x = block(x, c, self.rotary_emb)
@@ -204,7 +217,7 @@ class Proseco(PreTrainedModel):
                 output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs):
         if timesteps is None or not self.config.time_conditioning:
             timesteps = torch.zeros(input_ids.shape[0], device=input_ids.device)
-        logits, hidden = self.backbone(input_ids, timesteps)
+        logits, hidden = self.backbone(input_ids, timesteps, cond)
         logits = logits[..., : self.config.vocab_size]  # padding rows (proseco-pretrain layout) are never predicted
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if return_dict:

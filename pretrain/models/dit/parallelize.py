@@ -32,7 +32,8 @@ from parallel.apply import apply_parallelisms
 from parallel.config import ParallelConfig
 from parallel.mesh import Layout
 from parallel.tensor import sum_gradient_hook
-from pretrain.models import copy_with_stage_blocks
+from pretrain.models import ModelShape, keep_stage_blocks
+from pretrain.models.dit.config import DiTConfig
 from pretrain.models.dit.model import DiT
 
 
@@ -77,13 +78,15 @@ def parallelize(model: DiT, layout: Layout, mesh: DeviceMesh | None, cfg: Parall
     return model
 
 
-def build_stage(full: DiT, stage: int, counts: list[int]) -> DiT:
-    """A copy of `full` keeping only what stage `stage` owns; parameter names are unchanged."""
-    part = copy_with_stage_blocks(full, stage, counts)
+def build_stage(cfg: DiTConfig, shape: ModelShape, stage: int, counts: list[int]) -> DiT:
+    """On the meta device, what pipeline stage `stage` owns (its blocks, the embedding on the first
+    stage, the head on the last): no other part is ever allocated. Parameter names are the full
+    model's."""
+    part = keep_stage_blocks(DiT(cfg, shape, device="meta"), stage, counts)
     if stage > 0:
         part.vocab_embed = None
         part.sigma_map = None
+        part.cond_map = None  # the class labels enter c on stage 0, which sends c on
     if stage < len(counts) - 1:
         part.output_layer = None
     return part
-

@@ -49,6 +49,13 @@ def from_official(state: dict[str, torch.Tensor], cfg: LLaDAConfig) -> dict[str,
     return {name[len(PREFIX):] if name.startswith(PREFIX) else name: tensor for name, tensor in state.items()}
 
 
+def weight_sources(name: str, cfg: LLaDAConfig, official: bool) -> list[tuple[tuple[str, ...], None]]:
+    """Where parameter `name` is stored, one parameter at a time: the parameter itself, renamed
+    (None: any slice of it can be read alone), in both layouts. official: the published layout,
+    its full name; else this framework's, the name under the reader's own prefix."""
+    return [((PREFIX + name if official else name,), None)]
+
+
 def upgrade_state(state: dict[str, torch.Tensor], cfg: LLaDAConfig) -> dict[str, torch.Tensor]:
     """No earlier names: the family's first version. The same dict."""
     return state

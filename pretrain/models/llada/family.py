@@ -11,6 +11,7 @@ from pretrain.models.llada.checkpoint_names import (
     official_config,
     to_official,
     upgrade_state,
+    weight_sources,
 )
 from pretrain.models.llada.model import LLaDA, forward_flops_per_sequence
 from pretrain.models.llada.parallelize import build_stage, parallelize
@@ -20,4 +21,5 @@ FAMILY = ModelFamily(name="llada", build=LLaDA, parallelize=parallelize, build_s
                      to_official=to_official, from_official=from_official, upgrade_state=upgrade_state,
                      official_config=official_config,
                      model_fields=model_fields, official_buffers=official_buffers,
-                     hf_prefix=PREFIX, vocab_parameters=VOCAB_PARAMETERS, hf_modeling_file=MODELING_FILE)
+                     hf_prefix=PREFIX, vocab_parameters=VOCAB_PARAMETERS, hf_modeling_file=MODELING_FILE,
+                     weight_sources=weight_sources)

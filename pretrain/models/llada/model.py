@@ -17,13 +17,12 @@ own, keep the same parameter names as the full model.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models import ModelShape
+from pretrain.models.init import Init, keyed_init, materialise
 from pretrain.models.llada.config import LLaDAConfig
 from pretrain.models.rotary import Rotary, apply_rotary
 
@@ -90,11 +89,17 @@ class LLaDA(nn.Module):
 
     emit_features = False
 
-    def __init__(self, cfg: LLaDAConfig, shape: ModelShape, device: torch.device | str | None = None):
+    def __init__(self, cfg: LLaDAConfig, shape: ModelShape, device: torch.device | str | None = None,
+                 seed: int = 0):
+        """Built on the meta device; unless `device` is "meta", materialised on `device` (default
+        torch's default device) and initialised keyed by `seed` (pretrain/models/init.py)."""
         super().__init__()
         self.cfg, self.shape = cfg, shape
-        with torch.device(device) if device is not None else nullcontext():
+        with torch.device("meta"):
             self._build(cfg, shape)
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        if device.type != "meta":
+            materialise(self, device, seed)
 
     def _build(self, cfg: LLaDAConfig, shape: ModelShape) -> None:
         self.wte = nn.Embedding(shape.vocab_size, cfg.d_model)
@@ -102,15 +107,20 @@ class LLaDA(nn.Module):
         self.blocks = nn.ModuleDict({str(i): LLaDABlock(cfg) for i in range(cfg.n_layers)})
         self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.ff_out = nn.Linear(cfg.d_model, shape.vocab_size, bias=False)
-        if self.wte.weight.device.type != "meta":
-            self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, model.init_std) embedding and projections; RMSNorm weights at one (their default)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
+    def init_weights(self, seed: int = 0) -> None:
+        """Normal(0, model.init_std) embedding and projections, RMSNorm weights at one, keyed by
+        (seed, parameter name, position): whole, a pipeline stage's or this rank's shards."""
+        keyed_init(self, seed, self.init_rule)
+
+    def init_rule(self, module_name: str, module: nn.Module, param_name: str) -> Init:
+        """By module type, so a module added later is covered; an unknown one is an error."""
+        if isinstance(module, (nn.Linear, nn.Embedding)) and param_name == "weight":
+            return Init.normal(self.cfg.init_std)
+        if isinstance(module, RMSNorm):
+            return Init.constant(1.0)
+        raise TypeError(f"LLaDA.init_rule has no initialisation for {module_name}.{param_name} "
+                        f"({type(module).__name__}); add one")
 
     @property
     def output_head(self) -> nn.Linear | None:

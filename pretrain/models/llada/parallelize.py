@@ -31,7 +31,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from parallel.apply import apply_parallelisms
 from parallel.config import ParallelConfig
 from parallel.mesh import Layout
-from pretrain.models import copy_with_stage_blocks
+from pretrain.models import ModelShape, keep_stage_blocks
+from pretrain.models.llada.config import LLaDAConfig
 from pretrain.models.llada.model import LLaDA
 
 
@@ -65,9 +66,11 @@ def parallelize(model: LLaDA, layout: Layout, mesh: DeviceMesh | None, cfg: Para
     return model
 
 
-def build_stage(full: LLaDA, stage: int, counts: list[int]) -> LLaDA:
-    """A copy of `full` keeping only what stage `stage` owns; parameter names are unchanged."""
-    part = copy_with_stage_blocks(full, stage, counts)
+def build_stage(cfg: LLaDAConfig, shape: ModelShape, stage: int, counts: list[int]) -> LLaDA:
+    """On the meta device, what pipeline stage `stage` owns (its blocks, the embedding on the first
+    stage, the head on the last): no other part is ever allocated. Parameter names are the full
+    model's."""
+    part = keep_stage_blocks(LLaDA(cfg, shape, device="meta"), stage, counts)
     if stage > 0:
         part.wte = None
     if stage < len(counts) - 1:
