@@ -147,6 +147,18 @@ def materialise(model: nn.Module, device: torch.device | str, seed: int) -> nn.M
     return model
 
 
+def build_then_materialise(model: nn.Module, build: Callable[[], None], device: torch.device | str | None,
+                           seed: int) -> None:
+    """A family model's constructor body: `build()` (which creates its modules) runs on the meta
+    device; then, unless `device` is "meta", the model is materialised on `device` (default
+    torch's default device) and initialised keyed by `seed`."""
+    with torch.device("meta"):
+        build()
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type != "meta":
+        materialise(model, device, seed)
+
+
 @torch.no_grad()
 def copy_full_into_local(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's part of `full` (the whole tensor, any device) into `param` (plain or a

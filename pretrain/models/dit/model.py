@@ -25,7 +25,7 @@ from torch import nn
 
 from pretrain.models import ModelShape
 from pretrain.models.dit.config import DiTConfig
-from pretrain.models.init import Init, keyed_init, materialise
+from pretrain.models.init import Init, build_then_materialise, keyed_init
 from pretrain.models.rotary import Rotary, apply_rotary
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal features of sigma, as upstream
@@ -174,11 +174,7 @@ class DiT(nn.Module):
         torch's default device) and initialised keyed by `seed` (pretrain/models/init.py)."""
         super().__init__()
         self.cfg, self.shape = cfg, shape
-        with torch.device("meta"):
-            self._build(cfg, shape)
-        device = torch.device(device) if device is not None else torch.get_default_device()
-        if device.type != "meta":
-            materialise(self, device, seed)
+        build_then_materialise(self, lambda: self._build(cfg, shape), device, seed)
 
     def _build(self, cfg: DiTConfig, shape: ModelShape) -> None:
         self.vocab_embed = nn.Embedding(shape.vocab_size, cfg.d_model)
