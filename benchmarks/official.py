@@ -98,6 +98,11 @@ CHECK_HEAD_STD = 1.0  # the output projection's init in the same-step check (log
 GPU_ONLY_MODULES = ("mamba_ssm", "causal_conv1d")  # stubbed always: they only build with CUDA
 UNUSED_MODULES = ("timm", "datasets")  # stubbed when not installed: data loading and schedulers only
 ENV_CHECKOUT, ENV_PYTHON = "OFFICIAL_PROSECO", "OFFICIAL_PYTHON"
+# The kernels both sides run on the same shapes: the projections' GEMMs, attention and GELU.
+SHARED_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::gelu", "aten::gelu_backward")
+SHARED_KERNEL_PREFIX = "aten::_scaled_dot_product"
+PROFILED_ROUNDS = setting("BENCH_PROFILED_ROUNDS", 4)  # after the timed rounds
+PROFILED_STEPS = setting("BENCH_PROFILED_STEPS", 2)  # per side and round
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +294,33 @@ def _official_batch(batch: dict) -> dict:
     return {"input_ids": batch["tokens"], "attention_mask": torch.ones_like(batch["tokens"])}
 
 
+def shared_kernel_seconds(step, steps: int) -> float:
+    """Seconds per step in the shared kernels, by torch's profiler over `steps` steps (their self
+    CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    shared = sum(e.self_cpu_time_total for e in prof.key_averages()
+                 if e.key in SHARED_KERNELS or e.key.startswith(SHARED_KERNEL_PREFIX))
+    return shared / steps / 1e6
+
+
+def kernel_rounds(cases: dict, names: tuple[str, str], rounds: int = PROFILED_ROUNDS,
+                  steps: int = PROFILED_STEPS) -> dict[str, float]:
+    """Median over rounds of the seconds per step in the shared kernels, for each side; sides
+    alternate in order every round. Only the kernels' own times are taken from the profile: the
+    profiler's cost per operator would inflate the total of the side with more small operators, and
+    steps timed right after a profile ran 1.5-1.7x slower here than in the paired rounds, so step
+    times come from the unprofiled paired rounds."""
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in (names if index % 2 == 0 else names[::-1]):
+            out[name].append(shared_kernel_seconds(cases[name], steps))
+    return {name: statistics.median(values) for name, values in out.items()}
+
+
 def _our_model(cfg, head_std: float | None = None):
     """Our DiT with benchmarks/step.py's weights (non-zero, as after training); `head_std` redraws
     the output projection wider, so that no two logits of a token tie to within rounding."""
@@ -422,7 +454,8 @@ def measure(checkout: Path, min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_
         warnings.simplefilter("ignore")  # the official code's torch.cuda.amp deprecation, once per call
         rounds = paired_rounds(cases, pairs, min_rounds=min_rounds, max_rounds=max_rounds, budget_s=budget_s,
                                threshold=threshold, warmup=WARMUP)
-    return _rows(cfg, micro, rounds, checks, failure, threshold)
+        kernels = kernel_rounds(cases, ("ours_reuse", "official_reuse"))
+    return _rows(cfg, micro, rounds, checks, failure, threshold) + _kernel_rows(kernels, rounds)
 
 
 def _rows(cfg, micro: int, rounds: Rounds, checks: dict, failure: str | None, threshold: float) -> list[dict]:
@@ -456,6 +489,28 @@ def _rows(cfg, micro: int, rounds: Rounds, checks: dict, failure: str | None, th
     rows.append({"name": "official_step_s_reuse", "value": round(statistics.median(rounds.times["official_reuse"]), 3),
                  "unit": "s", "what": f"the official ProSeCo step on this machine, median; {setup}"})
     return rows
+
+
+def _kernel_rows(kernels: dict[str, float], rounds: Rounds) -> list[dict]:
+    """Where the reuse step's time goes on each side, and what that leaves as the lowest ratio ours /
+    official that removing everything but the shared kernels could reach."""
+    ours_shared, official_shared = kernels["ours_reuse"], kernels["official_reuse"]
+    ours_step, official_step = (statistics.median(rounds.times[name]) for name in ("ours_reuse", "official_reuse"))
+    how = (f"the kernels' self CPU time by torch.profiler, median of {PROFILED_ROUNDS} rounds of {PROFILED_STEPS} "
+           "steps per side (sides alternated) after the timed rounds, over the median step time of the timed "
+           "rounds; shared kernels: the GEMMs (mm, addmm, bmm, baddbmm), SDPA forward and backward, GELU forward "
+           "and backward, which both sides run on the same shapes")
+    return [
+        {"name": "ours_over_official_shared_kernels_reuse", "value": round(ours_shared / official_shared, 3),
+         "unit": "ratio", "what": f"time in the shared kernels, ours (reuse) / official: equal work if 1; {how}"},
+        {"name": "official_shared_kernel_share_reuse", "value": round(official_shared / official_step, 3),
+         "unit": "ratio", "what": f"share of the official ProSeCo step in the shared kernels; {how}"},
+        {"name": "ours_shared_kernel_share_reuse", "value": round(ours_shared / ours_step, 3), "unit": "ratio",
+         "what": f"share of our reuse step (eager) in the shared kernels; {how}"},
+        {"name": "floor_ours_over_official_reuse", "value": round(ours_shared / official_step, 3), "unit": "ratio",
+         "what": "our shared-kernel time / the official step's time: ours / official if every other operator of "
+                 f"our step (norms, modulation, rotary, the loss, AdamW, autograd's bookkeeping) took no time; {how}"},
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,6 +101,21 @@ def test_rotary_is_relative():
     assert torch.allclose(dots[7, 1], dots[10, 4], atol=1e-5)
 
 
+def test_rotary_turns_each_pair_by_its_angle():
+    """Element i pairs with i + hd/2 (rotate-half) and turns by position * inv_freq[i], as complex
+    multiplication; q and k rotated side by side ([B, L, H, 2, hd]) equal each rotated alone."""
+    rotary = model_module.Rotary(8, 10000.0)
+    cos, sin = rotary(6, torch.device("cpu"))
+    x = torch.randn(2, 6, 3, 8)
+    first, second = x.chunk(2, dim=-1)
+    angles = torch.arange(6.0)[:, None] * rotary.inv_freq[None, :]
+    turned = torch.complex(first, second) * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
+    expected = torch.cat([turned.real, turned.imag], dim=-1)
+    torch.testing.assert_close(model_module.apply_rotary(x, cos, sin), expected)
+    both = model_module.apply_rotary(torch.stack([x, 2 * x], dim=3), cos, sin)
+    torch.testing.assert_close(both, torch.stack([expected, 2 * expected], dim=3))
+
+
 def test_flops_formula_matches_flop_counter(monkeypatch):
     """FlopCounterMode has no formula for CPU SDPA, so count attention as plain matmuls."""
     monkeypatch.setattr(model_module, "attention", reference_attention)
@@ -173,14 +188,16 @@ def test_head_major_fused_projection_is_the_three_separate_projections():
         for i, layer in enumerate(separate):
             layer.weight.copy_(rows[:, i].reshape(TINY.d_model, TINY.d_model))
 
-    def three_projections(h):
-        return tuple(layer(h).view(*h.shape[:2], heads, hd) for layer in separate)
+    def three_projections(h, rotary):  # and q, k rotated one at a time
+        q, k, v = (layer(h).view(*h.shape[:2], heads, hd) for layer in separate)
+        tables = rotary(h.shape[1], h.device)
+        return model_module.apply_rotary(q, *tables), model_module.apply_rotary(k, *tables), v
 
     x, c = torch.randn(2, SHAPE.seq_len, TINY.d_model), torch.randn(2, TINY.cond_dim)
     rotary = model_module.Rotary(hd, TINY.rope_base)
     fused = block(x, c, rotary)
     h = torch.randn(2, SHAPE.seq_len, TINY.d_model)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(block._qkv(h), three_projections(h)))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(block._qkv(h, rotary), three_projections(h, rotary)))
     block._qkv = three_projections
     assert torch.allclose(fused, block(x, c, rotary), atol=1e-6)
 

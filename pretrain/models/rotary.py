@@ -25,7 +25,7 @@ class Rotary(nn.Module):
         self._key = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin tables [1, L, 1, head_dim], computed once per length and device; inside a
+        """cos and signed sin tables [1, L, 1, head_dim] for `apply_rotary`, computed once per length and device; inside a
         torch.compile graph (parallel.compile) at every call, uncached: there they fuse into the
         rotation, and setting the cache there is a side effect that a checkpointed region cannot
         hold (dynamo would run the whole block eagerly)."""
@@ -39,14 +39,21 @@ class Rotary(nn.Module):
     def _tables_for(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(positions, self.inv_freq.to(device))
-        angles = torch.cat([freqs, freqs], dim=-1)
-        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        # rotate-half's sign goes into the table: x * cos + [x2, x1] * [-sin, sin] is the rotation
+        # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] without negating half of x at every call.
+        return (torch.cat([cos, cos], dim=-1)[None, :, None, :],
+                torch.cat([-sin, sin], dim=-1)[None, :, None, :])
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, L, H, head_dim]; rotation computed in fp32 (as upstream), returned in x's dtype."""
+    """x: [B, L, ..., head_dim] (heads, or heads and q/k side by side); cos and signed sin from
+    `Rotary`. Computed in fp32 (as upstream), returned in x's dtype."""
+    if x.dim() > cos.dim():  # broadcast the tables over the extra middle dimensions
+        table_shape = (*cos.shape[:-1], *([1] * (x.dim() - cos.dim())), cos.shape[-1])
+        cos, sin = cos.view(table_shape), sin.view(table_shape)
     with torch.autocast(device_type=x.device.type, enabled=False):
         xf = x.float()
         half = xf.shape[-1] // 2
-        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-        return (xf * cos + rotated * sin).to(x.dtype)
+        swapped = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
+        return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)

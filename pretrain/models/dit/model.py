@@ -53,12 +53,14 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = F.layer_norm(x.float(), [self.dim])
-        return x * self.weight[None, None, :]
+            # The weight inside the norm: one kernel (and its backward) instead of a norm and a
+            # multiply. fp32 either way: a bf16 weight (FSDP's param_dtype) is promoted, as before.
+            return F.layer_norm(x.float(), [self.dim], self.weight.float())
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift, as one kernel over x."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class TimestepEmbedder(nn.Module):
@@ -124,24 +126,24 @@ class DiTBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
 
-    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h -> q, k, v [B, L, H, hd] from one head-major projection [B, L, H*3*hd]. Shapes come
-        from the projection itself: under tensor parallelism it holds this rank's heads only, under
-        sequence parallelism the whole sequence while h holds a slice of it."""
+    def _qkv(self, h: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h -> q and k rotated, and v, each [B, L, H, hd], from one head-major projection
+        [B, L, H*3*hd]. Shapes come from the projection itself: under tensor parallelism it holds
+        this rank's heads only, under sequence parallelism the whole sequence while h holds a slice
+        of it (so do the rotary tables)."""
         projected = self.attn_qkv(h)
-        return projected.view(*projected.shape[:2], -1, 3, self.head_dim).unbind(dim=3)
+        q, k, v = projected.view(*projected.shape[:2], -1, 3, self.head_dim).unbind(dim=3)
+        tables = rotary(q.shape[1], q.device)
+        return apply_rotary(q, *tables), apply_rotary(k, *tables), v
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
-        q, k, v = self._qkv(h)
-        # The rotary tables follow q: the whole sequence even when x holds a slice of it.
-        rope = rotary(q.shape[1], q.device)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = self._qkv(modulate(self.norm1(x), shift_msa, scale_msa), rotary)
         attn = attention(q, k, v, self.attention_backend)
-        x = x + gate_msa * self.dropout(self.attn_out(attn.flatten(2)))
-        return x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        # x + gate * branch, one kernel each (addcmul).
+        x = torch.addcmul(x, gate_msa, self.dropout(self.attn_out(attn.flatten(2))))
+        return torch.addcmul(x, gate_mlp, self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))))
 
 
 class FinalLayer(nn.Module):
