@@ -28,6 +28,12 @@ timing, one step on each side on the same batch, with the official noise levels 
 set to ours (its `_sample_t` and `_q_xt` answered from ours on the instance), must give the same
 total, MDLM and corrector losses and the same gradients (relative 1e-5); the script stops if not.
 
+Where the time goes. After the timed rounds, a few steps of each reuse step run under
+torch.profiler; the kernels both sides run on the same shapes (the GEMMs, SDPA, GELU) give
+`ours_over_official_shared_kernels_reuse` (1 when the work is the same), each side's share of its
+step in them, and `floor_ours_over_official_reuse`: our time in those kernels over the official
+step's, the ratio ours / official that would remain if everything else in our step took no time.
+
 The official plain-MDLM step (corrector_training=False) fails in backward: its continuous-time
 branch applies `_subs_parameterization`, which writes in place, to the output of a log_softmax
 that autograd saved. That failure is reported as it is; the MDLM ratio is then measured with the
