@@ -13,6 +13,7 @@ Adding a family adds a folder here; neither parallel/ nor the training loop chan
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,38 @@ DEFAULT_FAMILY = "dit"
 # so no tensor size overflows torch's int64.
 MAX_PARAMETERS = 10**13
 MAX_SEQUENCE_ACTIVATIONS = 10**13
+
+
+def head_problems(d_model: int, n_heads: int) -> list[str]:
+    """Attention heads that split model.d_model evenly into the even head sizes rotary needs."""
+    if n_heads <= 0:
+        return []
+    if d_model % n_heads:
+        return [f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}; pick n_heads dividing "
+                "d_model"]
+    if (d_model // n_heads) % 2:
+        return ["model.d_model / model.n_heads must be even for rotary embeddings; change n_heads or d_model"]
+    return []
+
+
+def size_problems(parameters: int, activations: int, seq_len: int | None, size_fields: str) -> list[str]:
+    """Sizes beyond any machine (MAX_PARAMETERS, MAX_SEQUENCE_ACTIVATIONS); `size_fields` names the
+    family's fields that set the parameter count, for the fix."""
+    found = []
+    if parameters > MAX_PARAMETERS:
+        found.append(f"model has {_about(parameters)} parameters, beyond any machine (at most {MAX_PARAMETERS:.0e}); "
+                     f"lower {size_fields}")
+    if activations > MAX_SEQUENCE_ACTIVATIONS:
+        found.append(f"one sequence of model.seq_len={seq_len} keeps {_about(activations)} activations, beyond any "
+                     f"machine (at most {MAX_SEQUENCE_ACTIVATIONS:.0e}); lower model.seq_len, model.n_layers or "
+                     "model.d_model")
+    return found
+
+
+def _about(count: int) -> str:
+    """A positive count to three digits, however large (as a float, one past 1e308 would overflow)."""
+    exponent = int(math.log10(count))
+    return f"{count / 10**exponent:.2f}e{exponent}"
 
 
 def keep_stage_blocks(model, stage: int, counts: list[int]):

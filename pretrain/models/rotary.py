@@ -25,10 +25,10 @@ class Rotary(nn.Module):
         self._key = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin tables [1, L, 1, head_dim] for `apply_rotary`, computed once per length and device; inside a
-        torch.compile graph (parallel.compile) at every call, uncached: there they fuse into the
-        rotation, and setting the cache there is a side effect that a checkpointed region cannot
-        hold (dynamo would run the whole block eagerly)."""
+        """cos and signed sin tables [1, L, 1, head_dim] for `apply_rotary`, computed once per
+        length and device; inside a torch.compile graph (parallel.compile) at every call,
+        uncached: there they fuse into the rotation, and setting the cache there is a side effect
+        that a checkpointed region cannot hold (dynamo would run the whole block eagerly)."""
         if torch.compiler.is_compiling():
             return self._tables_for(seq_len, device)
         key = (seq_len, device)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pretrain.models import MAX_PARAMETERS, MAX_SEQUENCE_ACTIVATIONS, ModelConfig
+from pretrain.models import ModelConfig, head_problems, size_problems
 
 # model.py's FREQUENCY_EMBEDDING_SIZE (model.py needs torch); the parameter-count test keeps them equal.
 FREQUENCY_FEATURES = 256
@@ -46,24 +45,10 @@ class DiTConfig(ModelConfig):
 
     def problems(self) -> list[str]:
         """Head sizes rotary attention can use, and sizes no machine holds."""
-        found = []
-        if self.n_heads > 0 and self.d_model % self.n_heads:
-            found.append(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; pick "
-                         "n_heads dividing d_model")
-        if self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
-            found.append("model.d_model / model.n_heads must be even for rotary embeddings; change n_heads or "
-                         "d_model")
-        parameters = num_parameters(self, self.min_vocab_rows())
-        if parameters > MAX_PARAMETERS:
-            found.append(f"model has {_about(parameters)} parameters, beyond any machine (at most "
-                         f"{MAX_PARAMETERS:.0e}); lower model.d_model, model.n_layers, model.mlp_ratio, "
-                         "model.cond_dim or model.vocab_size")
         activations = sequence_activations(self, self.seq_len) if self.seq_len is not None else 0
-        if activations > MAX_SEQUENCE_ACTIVATIONS:
-            found.append(f"one sequence of model.seq_len={self.seq_len} keeps {_about(activations)} activations, "
-                         f"beyond any machine (at most {MAX_SEQUENCE_ACTIVATIONS:.0e}); lower model.seq_len, "
-                         "model.n_layers or model.d_model")
-        return found
+        return head_problems(self.d_model, self.n_heads) + size_problems(
+            num_parameters(self, self.min_vocab_rows()), activations, self.seq_len,
+            "model.d_model, model.n_layers, model.mlp_ratio, model.cond_dim or model.vocab_size")
 
     def layout_problems(self, tp: int) -> list[str]:
         """parallelize.py splits heads, the MLP and the adaLN modulation evenly over tp."""
@@ -124,12 +109,6 @@ def sequence_activations(cfg: DiTConfig, seq_len: int) -> int:
     """Activations one sequence keeps for backward at the least (activation checkpointing on): the
     input of every block and the logits."""
     return seq_len * (cfg.n_layers * cfg.d_model + cfg.min_vocab_rows())
-
-
-def _about(count: int) -> str:
-    """A positive count to three digits, however large (as a float, one past 1e308 would overflow)."""
-    exponent = int(math.log10(count))
-    return f"{count / 10**exponent:.2f}e{exponent}"
 
 
 CONFIG = DiTConfig

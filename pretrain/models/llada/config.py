@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pretrain.models import MAX_PARAMETERS, MAX_SEQUENCE_ACTIVATIONS, ModelConfig
+from pretrain.models import ModelConfig, head_problems, size_problems
 
 # GSAI-ML/LLaDA-8B-Base and -Instruct (the same architecture): the config.json fields this family
 # reads (checkpoint_names.model_fields), as published.
@@ -60,27 +60,13 @@ class LLaDAConfig(ModelConfig):
     def problems(self) -> list[str]:
         """Head sizes rotary attention can use, kv heads that group the query heads, and sizes no
         machine holds."""
-        found = []
-        if self.n_heads > 0 and self.d_model % self.n_heads:
-            found.append(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; pick "
-                         "n_heads dividing d_model")
-        elif self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
-            found.append("model.d_model / model.n_heads must be even for rotary embeddings; change n_heads or "
-                         "d_model")
+        found = head_problems(self.d_model, self.n_heads)
         if self.n_heads > 0 and self.kv_heads > 0 and self.n_heads % self.kv_heads:
             found.append(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}; pick "
                          "a divisor (each key/value head serves a group of query heads), or null for n_heads")
-        parameters = num_parameters(self, self.min_vocab_rows())
-        if parameters > MAX_PARAMETERS:
-            found.append(f"model has {parameters:.3g} parameters, beyond any machine (at most "
-                         f"{MAX_PARAMETERS:.0e}); lower model.d_model, model.n_layers, model.mlp_hidden_size "
-                         "or model.vocab_size")
         activations = sequence_activations(self, self.seq_len) if self.seq_len is not None else 0
-        if activations > MAX_SEQUENCE_ACTIVATIONS:
-            found.append(f"one sequence of model.seq_len={self.seq_len} keeps {activations:.3g} activations, "
-                         f"beyond any machine (at most {MAX_SEQUENCE_ACTIVATIONS:.0e}); lower model.seq_len, "
-                         "model.n_layers or model.d_model")
-        return found
+        return found + size_problems(num_parameters(self, self.min_vocab_rows()), activations, self.seq_len,
+                                     "model.d_model, model.n_layers, model.mlp_hidden_size or model.vocab_size")
 
     def layout_problems(self, tp: int) -> list[str]:
         """parallelize.py splits the query heads, the key/value heads and the MLP evenly over tp."""
