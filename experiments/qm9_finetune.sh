@@ -80,7 +80,8 @@ train_run() {  # NAME STEPS START [OVERRIDES...]: START is a checkpoint to branc
 }
 
 train() {
-  train_run base "$BASE_STEPS" none
+  # The base runs alone, so it gets every job's threads; the branches then run side by side.
+  OMP_NUM_THREADS=$((OMP_NUM_THREADS * JOBS)) train_run base "$BASE_STEPS" none
   local start
   start=$(step_dir "$RUNS/base" "$BASE_STEPS")
   train_run mdlm "$A_STEPS" "$start" &
