@@ -1,5 +1,5 @@
 """Our training step against the official ProSeCo code's (kuleshov-group/proseco), side by side
-in one process: the same weights, batch, threads and optimizer (AdamW), at the step benchmark's
+in one process: the same weights, batch, threads and AdamW settings, at the step benchmark's
 shape, from paired rounds in alternating order (benchmarks/stats.py). The official code is not
 part of this repository: `make bench` runs this only when OFFICIAL_PROSECO names a checkout of it
 (and OFFICIAL_PYTHON, if set, a Python with lightning, hydra-core, omegaconf, torchmetrics,
@@ -13,7 +13,9 @@ Its two flash-attn calls are replaced at run time by PyTorch's SDPA and a plain 
 What is compared. One training step on each side: forward, backward, AdamW step, zero_grad; no
 gradient clipping and no EMA on either side (Lightning's optimizer hooks, which add both, are
 not in the loop). Ours: `pretrain.step.forward_backward` through a LocalRunner in reuse and in
-two_pass mode, and plain MDLM. Theirs: the real `diffusion.Diffusion` LightningModule's
+two_pass mode, and plain MDLM, with its default fused AdamW (optim.implementation); the reuse
+step also with torch's for-loop AdamW, the one the official code gets on CPU, so that the
+optimizer's share of the difference shows. Theirs: the real `diffusion.Diffusion` LightningModule's
 `training_step` (noise, masking, both passes, the loss, its torchmetrics updates), then
 `loss.backward()` and the optimizer of its own `configure_optimizers`; it is attached to a
 `lightning.Trainer(barebones=True)` so that `self.trainer` resolves and `self.log` returns at
@@ -435,6 +437,8 @@ def measure(checkout: Path, min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_
     model = _our_model(cfg)
     weights = {name: p.detach().clone() for name, p in model.state_dict().items()}
     optimizer = build_optimizer(model, cfg.optim)
+    for_loop = _our_model(cfg)  # the same step with the official code's AdamW implementation
+    for_loop_optimizer = build_optimizer(for_loop, dataclasses.replace(cfg.optim, implementation="for-loop"))
     official = build_official(diffusion, lightning, cfg, weights, corrector=True)
     official_mdlm = build_official(diffusion, lightning, cfg, weights, corrector=False)
     # Ours with parallel.compile (each block through the inductor; compiled in the warm-up rounds).
@@ -447,13 +451,15 @@ def measure(checkout: Path, min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_
     objectives = {True: _objective(True, micro), False: _objective(False, micro)}
     cases = {
         "ours_reuse": lambda: _our_step(model, optimizer, batch, objectives[True], "reuse"),
+        "ours_reuse_for_loop": lambda: _our_step(for_loop, for_loop_optimizer, batch, objectives[True], "reuse"),
         "ours_reuse_compiled": lambda: _our_step(compiled, compiled_optimizer, batch, objectives[True], "reuse"),
         "official_reuse": lambda: _official_step(official, official_batch),
         "ours_two_pass": lambda: _our_step(model, optimizer, batch, objectives[True], "two_pass"),
         "ours_mdlm": lambda: _our_step(model, optimizer, batch, objectives[False], "reuse"),
         "official_mdlm": lambda: _official_step(official_mdlm, official_batch),
     }
-    pairs = [("ours_reuse", "official_reuse"), ("ours_reuse_compiled", "official_reuse"),
+    pairs = [("ours_reuse", "official_reuse"), ("ours_reuse_for_loop", "official_reuse"),
+             ("ours_reuse_compiled", "official_reuse"),
              ("ours_two_pass", "official_reuse"), ("ours_mdlm", "official_mdlm"),
              ("ours_reuse", "ours_mdlm"), ("ours_two_pass", "ours_mdlm"), ("official_reuse", "official_mdlm")]
     with warnings.catch_warnings():
@@ -467,7 +473,8 @@ def measure(checkout: Path, min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_
 def _rows(cfg, micro: int, rounds: Rounds, checks: dict, failure: str | None, threshold: float) -> list[dict]:
     check = checks["reuse"]
     setup = (f"{cfg.model.n_layers} x {cfg.model.d_model} DiT, vocab {VOCAB}, L={SEQ_LEN}, micro-batch {micro}, fp32, "
-             f"{torch.get_num_threads()} threads, one step = forward, backward, AdamW, zero_grad on both sides; "
+             f"{torch.get_num_threads()} threads, one step = forward, backward, AdamW (ours fused unless a row "
+             "says otherwise, official for-loop), zero_grad on both sides; "
              f"official: its Diffusion LightningModule's training_step, flash-attn replaced by SDPA; same weights "
              f"(losses {check['ours']['loss']:.6f} ours vs {check['official']['loss']:.6f} official and gradients "
              f"within {max(c['grad_max_rel_diff'] for c in checks.values()):.0e} on the same batch, t and z_t); "
@@ -477,6 +484,9 @@ def _rows(cfg, micro: int, rounds: Rounds, checks: dict, failure: str | None, th
     specs = [
         ("ours_over_official_reuse", "ours_reuse", "official_reuse",
          "step time ours (reuse) / official ProSeCo step; target <= 0.80"),
+        ("ours_for_loop_adamw_over_official_reuse", "ours_reuse_for_loop", "official_reuse",
+         "step time ours (reuse) with optim.implementation=for-loop, torch's reference AdamW as the official code "
+         "runs it on CPU, / official ProSeCo step: the difference to ours_over_official_reuse is the fused AdamW's"),
         ("ours_compiled_over_official_reuse", "ours_reuse_compiled", "official_reuse",
          "step time ours (reuse, parallel.compile: blocks through torch.compile's inductor) / official ProSeCo step "
          "(eager, as it ships)"),

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-MODULES = ["loader", "streaming", "sharding", "step", "gemm_count", "official", "compile", "sampler", "comm",
-           "pipeline", "checkpoint", "convert", "faults", "zero", "memory", "build_memory"]
+MODULES = ["loader", "streaming", "sharding", "step", "gemm_count", "optimizer", "official", "compile", "sampler",
+           "comm", "pipeline", "checkpoint", "convert", "faults", "zero", "memory", "build_memory"]
 DOCS = Path("docs")
 
 

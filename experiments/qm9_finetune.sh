@@ -4,7 +4,7 @@
 # with MDLM for as many steps? The verdict rules are in experiments/finetune_report.py, written
 # before the run.
 #
-#   experiments/qm9_finetune.sh [all|data|train|select|report]
+#   experiments/qm9_finetune.sh [all|data|train|select|report|export|import]
 #
 # Runs (each resumes from its own checkpoints when the command is run again):
 #   base       MDLM, BASE_STEPS (10,000) steps, warm-up then constant lr, dropout 0.1
@@ -22,9 +22,14 @@
 #   report  the selected settings (each model's best, B's NFE/vun frontier) again on REPORT_SAMPLES
 #           fresh samples of seed REPORT_SEED, the tables, the plot and the verdict
 #           -> $RUNS/report.md, $RUNS/report.png
+#   export  the four models the sweeps compare (EMA weights, Hugging Face folders of this framework's
+#           layout, ~10 MB each) -> $MODELS/<label>: what the sweeps need, without the training runs
+#   import  those folders back into checkpoints ($RUNS/imported/<label>), which the sweeps then use
+#           where a run's own checkpoint is absent; the round trip is exact, so select and report
+#           give the same numbers from them (not part of `all`)
 #
 # Environment: RUNS=runs/e1, JOBS=2, THREADS=1, BASE_STEPS=10000, MORE_STEPS=4000,
-# SELECT_SAMPLES=256, REPORT_SAMPLES=1024, CORRECTOR_INPUT=masked, TRAIN_OVERRIDES (extra overrides
+# SELECT_SAMPLES=256, REPORT_SAMPLES=1024, CORRECTOR_INPUT=masked, MODELS=experiments/e1-models, TRAIN_OVERRIDES (extra overrides
 # for every run), PLAIN_STEPS, FAST_STEPS, CORRECTOR_STEPS, OMEGAS (comma lists), GRIDS (the
 # selection grids, default "main p0.9-once p0.9-official"), FCD=1 (0: no FCD column).
 set -euo pipefail
@@ -47,6 +52,7 @@ PLAIN_STEPS=${PLAIN_STEPS:-4,8,16,32,64,128,256}
 FAST_STEPS=${FAST_STEPS:-4,8,16,32}
 CORRECTOR_STEPS=${CORRECTOR_STEPS:-1,2,4,8}
 OMEGAS=${OMEGAS:-1,2,4,8}
+MODELS=${MODELS:-experiments/e1-models}
 CONFIG=experiments/configs/qm9-e1-mdlm.yaml
 # The FCD guard on the report seed (the fcd package of the eval extra; about 25 s per point).
 FCD_FLAG=$([[ ${FCD:-1} == 1 ]] && echo --fcd || true)
@@ -92,11 +98,34 @@ train() {
   wait $a
 }
 
-models() {  # "label checkpoint" lines: every model the sweeps compare
+trained() {  # "label checkpoint" lines: every model the sweeps compare, in its training run
   echo "base@$BASE_STEPS $(step_dir "$RUNS/base" "$BASE_STEPS")"
   echo "A@$B_STEPS $(step_dir "$RUNS/mdlm" "$B_STEPS")"
   echo "A@$A_STEPS $(step_dir "$RUNS/mdlm" "$A_STEPS")"
   echo "B@$B_STEPS $(step_dir "$RUNS/proseco" "$B_STEPS")"
+}
+
+models() {  # the same, each from its run where it has one, else as imported from $MODELS
+  local label checkpoint
+  while read -r label checkpoint; do
+    [[ -d $checkpoint ]] || checkpoint=$RUNS/imported/$label
+    echo "$label $checkpoint"
+  done < <(trained)
+}
+
+export_models() {
+  local label checkpoint
+  while read -r label checkpoint; do
+    $PROSECO convert export "$checkpoint" "$MODELS/$label" --overwrite
+  done < <(models)
+}
+
+import_models() {
+  local label
+  while read -r label _; do
+    [[ -d $RUNS/imported/$label/checkpoints ]] && continue
+    $PROSECO convert import "$MODELS/$label" "$RUNS/imported/$label"
+  done < <(trained)
 }
 
 sweep() {  # OUT LABEL CHECKPOINT SEED SAMPLES STEPS S OMEGAS [SAMPLER FLAGS...]: one finished sweep is not redone
@@ -137,6 +166,10 @@ select_grids() {  # the selection sweeps: main grid (p = 1) and the secondary on
 export -f sweep
 export PROSECO
 
+case $STAGE in all|data|train|select|report|export|import) ;; *)
+  echo "unknown stage $STAGE: one of all, data, train, select, report, export, import" >&2; exit 2 ;;
+esac
+if [[ $STAGE == import ]]; then import_models; fi
 if [[ $STAGE == all || $STAGE == data ]]; then data; fi
 if [[ $STAGE == all || $STAGE == train ]]; then train; fi
 if [[ $STAGE == all || $STAGE == select ]]; then
@@ -156,3 +189,4 @@ if [[ $STAGE == all || $STAGE == report ]]; then
     --secondary "$RUNS/select-p0.9-official/sweep.csv" --baseline "A@$A_STEPS" --candidate "B@$B_STEPS" \
     --out "$RUNS/report.md"
 fi
+if [[ $STAGE == export ]]; then export_models; fi

@@ -12,9 +12,15 @@ from pretrain.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    # foreach=False keeps AdamW exact and identical for plain tensors and DTensors alike.
+    # Both are elementwise per tensor, so a shard's update equals the same slice of the whole
+    # tensor's: exact for plain tensors and DTensors alike (foreach's grouping is not used).
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=False)
+                             weight_decay=cfg.weight_decay, **implementation_flags(cfg))
+
+
+def implementation_flags(cfg: OptimConfig) -> dict[str, bool | None]:
+    """AdamW's keyword arguments (and param-group entries) for optim.implementation."""
+    return {"fused": True, "foreach": None} if cfg.implementation == "fused" else {"fused": None, "foreach": False}
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -40,7 +46,7 @@ class Optimizers:
     """One AdamW per model part (the pipeline stages a rank holds), stepped together."""
 
     def __init__(self, parts: list[nn.Module], cfg: OptimConfig):
-        self.parts = parts
+        self.parts, self.cfg = parts, cfg
         self.optimizers = [build_optimizer(part, cfg) for part in parts]
 
     def step(self) -> None:
@@ -50,6 +56,15 @@ class Optimizers:
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
+
+    def reapply_config(self) -> None:
+        """This run's optim settings again after loading a checkpoint: loading puts back the param
+        groups of the run that saved it (its betas, eps, weight decay and implementation), which
+        would silently override a config changed on resume. The learning rate is set every step."""
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group.update(betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
+                             **implementation_flags(self.cfg))
 
     def set_lr(self, lr: float) -> None:
         for optimizer in self.optimizers:

@@ -343,6 +343,7 @@ class Trainer:
             raise CheckpointError(f"cannot load {path} into this model ({str(err).splitlines()[0]}); was it saved "
                                   "with another model config?") from None
         load_app_state(self.parts, self.optimizers.optimizers, state)
+        self.optimizers.reapply_config()
         if self.ema is not None:
             if "ema" in state:
                 self.ema.num_updates = int(meta["ema_num_updates"])

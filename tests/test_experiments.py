@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from experiments import finetune_report, qm9_prompted
-from pretrain.sweep import read_rows
+from pretrain.sweep import NFE_COLUMNS, SETTING_COLUMNS, read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,6 +107,17 @@ def test_e1_and_e2_scripts_end_to_end_on_a_few_steps_of_qm9(tmp_path):
     again = subprocess.run(["bash", str(REPO / "experiments/qm9_finetune.sh"), "train"], env=e1, cwd=REPO,
                            capture_output=True, text=True)
     assert again.returncode == 0 and "train " not in again.stdout
+    # The four models exported, imported into runs that have no training runs, sample the same.
+    models, elsewhere = tmp_path / "models", {**e1, "RUNS": str(tmp_path / "runs-imported")}
+    for stage, stage_env in (("export", e1), ("import", elsewhere), ("select", elsewhere)):
+        done = subprocess.run(["bash", str(REPO / "experiments/qm9_finetune.sh"), stage],
+                              env={**stage_env, "MODELS": str(models)}, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in models.iterdir()) == ["A@6", "A@8", "B@6", "base@4"]
+    compared = (*SETTING_COLUMNS, *NFE_COLUMNS, "vun", "validity", "uniqueness", "novelty")
+    imported = read_rows(tmp_path / "runs-imported/select-main/sweep.csv")
+    assert [[r[c] for c in compared] for r in imported] == [
+        [r[c] for c in compared] for r in read_rows(runs / "select-main/sweep.csv")]
 
     out = tmp_path / "e2"
     done = subprocess.run([sys.executable, "-m", "experiments.qm9_prompted", "--model", f"A@8={runs / 'mdlm'}",

@@ -66,6 +66,28 @@ def test_two_pass_mode_trains_like_reuse_without_dropout(shards, tmp_path):
     assert a["mdlm_nelbo"] == pytest.approx(b["mdlm_nelbo"], rel=1e-4)
 
 
+def test_adamw_implementations_agree_and_a_resume_takes_the_run_config(shards, tmp_path, monkeypatch):
+    """Fused and for-loop AdamW train alike (to fp32 rounding); a run resumed with other optim
+    settings steps with them, not with the param groups its checkpoint carries."""
+    train(tiny_config(shards, tmp_path / "fused", "model.dropout=0.0"))
+    train(tiny_config(shards, tmp_path / "mixed", "model.dropout=0.0", "optim.implementation=for-loop",
+                      "train.max_steps=3"))
+    groups = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        groups.append({key: self.param_groups[0][key] for key in ("fused", "foreach", "betas", "eps")})
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    train(tiny_config(shards, tmp_path / "mixed", "model.dropout=0.0", "optim.eps=1e-7"))
+    # Steps 4-6, after the one (at lr 0) that loading the optimizer state runs to create it.
+    assert groups == [{"fused": True, "foreach": None, "betas": (0.9, 0.999), "eps": 1e-7}] * 4
+    fused, mixed = train_losses(tmp_path / "fused"), train_losses(tmp_path / "mixed")
+    assert fused.keys() == mixed.keys() == set(range(1, 7))
+    assert all(abs(fused[k] - mixed[k]) <= 1e-5 * fused[k] for k in fused), (fused, mixed)
+
+
 def test_nonfinite_loss_stops_before_the_update_and_keeps_the_checkpoint(shards, tmp_path, monkeypatch):
     real = train_module.forward_backward
 
