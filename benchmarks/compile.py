@@ -15,15 +15,13 @@ budget ends, and a figure whose spread stays wider says so in its row.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import time
 
 import torch
 from torch._dynamo.utils import counters
 
-from benchmarks.stats import TOO_WIDE, add_round_arguments, paired_rounds, ratio_row
+from benchmarks.stats import TOO_WIDE, paired_rounds, ratio_row, rounds_main
 from benchmarks.step import CONFIG, SEQ_LEN, VOCAB
 from parallel.compile import COMPILE_BACKEND, apply_compile
 from parallel.runner import LocalRunner
@@ -110,10 +108,7 @@ def run(min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, budget_s: fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_round_arguments(parser, MIN_ROUNDS, MAX_ROUNDS, BUDGET_S)
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.min_rounds, args.max_rounds, args.budget_s, args.threshold), indent=2))
+    rounds_main(run, __doc__, argv, MIN_ROUNDS, MAX_ROUNDS, BUDGET_S)
 
 
 if __name__ == "__main__":

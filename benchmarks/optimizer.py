@@ -11,13 +11,11 @@ beside ours_over_official_reuse).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 
 import torch
 
-from benchmarks.stats import TOO_WIDE, add_round_arguments, paired_rounds, ratio_row
+from benchmarks.stats import TOO_WIDE, paired_rounds, ratio_row, rounds_main
 from benchmarks.step import BUDGET_S, CONFIG, MAX_ROUNDS, MIN_ROUNDS, SEQ_LEN, VOCAB, WARMUP
 from pretrain.config import load_config
 from pretrain.models import ModelShape
@@ -54,10 +52,7 @@ def run(min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, budget_s: fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_round_arguments(parser, MIN_ROUNDS, MAX_ROUNDS, BUDGET_S)
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.min_rounds, args.max_rounds, args.budget_s, args.threshold), indent=2))
+    rounds_main(run, __doc__, argv, MIN_ROUNDS, MAX_ROUNDS, BUDGET_S)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ instead of passing as a number to trust.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -170,3 +171,12 @@ def add_round_arguments(parser: argparse.ArgumentParser, min_rounds: int, max_ro
     parser.add_argument("--budget-s", type=float, default=budget_s, help="stop adding rounds after this long")
     parser.add_argument("--threshold", type=float, default=TOO_WIDE,
                         help="stop once every (q3 - q1) / median is within this; wider is flagged")
+
+
+def rounds_main(run: Callable[[int, int, float, float], list[dict]], doc: str, argv: list[str] | None,
+                min_rounds: int, max_rounds: int, budget_s: float) -> None:
+    """The command line of a benchmark of paired rounds: its round knobs, then its rows as JSON."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_round_arguments(parser, min_rounds, max_rounds, budget_s)
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.min_rounds, args.max_rounds, args.budget_s, args.threshold), indent=2))

@@ -22,13 +22,11 @@ BENCH_BUDGET_S, and BENCH_WARMUP for the untimed rounds (benchmarks/official.py 
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 
 import torch
 
-from benchmarks.stats import TOO_WIDE, Rounds, add_round_arguments, paired_rounds, ratio_row, setting
+from benchmarks.stats import TOO_WIDE, Rounds, paired_rounds, ratio_row, rounds_main, setting
 from parallel.runner import LocalRunner
 from pretrain.config import DiffusionConfig, load_config
 from pretrain.models import ModelShape
@@ -140,10 +138,7 @@ def run(min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, budget_s: fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_round_arguments(parser, MIN_ROUNDS, MAX_ROUNDS, BUDGET_S)
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.min_rounds, args.max_rounds, args.budget_s, args.threshold), indent=2))
+    rounds_main(run, __doc__, argv, MIN_ROUNDS, MAX_ROUNDS, BUDGET_S)
 
 
 if __name__ == "__main__":
