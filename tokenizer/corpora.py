@@ -207,7 +207,8 @@ def _qm9(split: str, **options: Any) -> Iterator[str]:
 # Files and folders
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path, error: type[UserError] = CorpusError) -> io.TextIOBase:
+    """A text file, plain, .gz or .zst; `error` is raised when zstandard is missing."""
     # newline="" keeps \r\n and lone \r as they are: documents must reach the tokenizer unchanged.
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", newline="")
@@ -215,8 +216,8 @@ def _open_text(path: Path) -> io.TextIOBase:
         try:
             import zstandard
         except ImportError:
-            raise CorpusError(f"{path} is zstd-compressed: reading it needs zstandard "
-                              "(pip install -e .[corpora])") from None
+            raise error(f"{path} is zstd-compressed: reading it needs zstandard "
+                        "(pip install -e .[corpora])") from None
         stream = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
         return io.TextIOWrapper(stream, encoding="utf-8", newline="")
     return open(path, encoding="utf-8", newline="")
@@ -243,7 +244,7 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
 
 def _blank_line_documents(path: Path) -> Iterator[str]:
     document: list[str] = []
-    with _open_text(path) as lines:
+    with open_text(path) as lines:
         for line in lines:
             if line.strip():
                 document.append(line)
@@ -255,27 +256,32 @@ def _blank_line_documents(path: Path) -> Iterator[str]:
 
 
 def _line_documents(path: Path) -> Iterator[str]:
-    with _open_text(path) as lines:
+    with open_text(path) as lines:
         for line in lines:
             line = line.rstrip("\r\n")
             if line.strip():
                 yield line
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with _open_text(path) as lines:
+def jsonl_records(path: Path, error: type[UserError] = CorpusError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of every non-blank line; `error` names a line that is not JSON."""
+    with open_text(path, error) as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except ValueError as err:
-                raise CorpusError(f"{path}:{number} is not valid JSON ({err}); fix or remove that line") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                keys = sorted(record) if isinstance(record, dict) else []
-                raise CorpusError(f"{path}:{number} has no string field {text_field!r} (fields: {keys}); "
-                                  "pass the right one with --text-field")
-            yield record[text_field]
+                raise error(f"{path}:{number} is not valid JSON ({err}); fix or remove that line") from None
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            keys = sorted(record) if isinstance(record, dict) else []
+            raise CorpusError(f"{path}:{number} has no string field {text_field!r} (fields: {keys}); "
+                              "pass the right one with --text-field")
+        yield record[text_field]
 
 
 def _folder_documents(folder: Path, text_field: str) -> Iterator[str]:

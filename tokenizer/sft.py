@@ -40,7 +40,6 @@ sharded in one run.
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import io
 import json
@@ -54,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.errors import UserError
-from tokenizer.corpora import DEFAULT_VAL_FRACTION, SPLITS
+from tokenizer.corpora import DEFAULT_VAL_FRACTION, SPLITS, jsonl_records
 from tokenizer.format import (
     FORMAT,
     FORMAT_V1,
@@ -157,20 +156,6 @@ def render_record(record: Any, where: str, render: PromptRenderer = render_promp
         raise SFTDataError(f"{where}: {err}") from None
 
 
-def _open(path: Path) -> io.TextIOBase:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    if path.name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise SFTDataError(f"{path} is zstd-compressed: reading it needs zstandard (pip install -e .[corpora])"
-                               ) from None
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
 def record_files(corpus: str | Path) -> list[Path]:
     path = Path(corpus).expanduser()
     if path.is_dir():
@@ -186,15 +171,8 @@ def record_files(corpus: str | Path) -> list[Path]:
 
 def _all_pairs(files: list[Path], render: PromptRenderer) -> Iterator[Pair]:
     for path in files:
-        with _open(path) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as err:
-                    raise SFTDataError(f"{path}:{number} is not valid JSON ({err}); fix or remove that line") from None
-                yield render_record(record, f"{path}:{number}", render)
+        for number, record in jsonl_records(path, SFTDataError):
+            yield render_record(record, f"{path}:{number}", render)
 
 
 def _hash_fraction(pair: Pair) -> float:
