@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from parallel.data_parallel import reshard_parameters
 from pretrain.config import OptimConfig
@@ -14,8 +15,19 @@ from pretrain.config import OptimConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     # Both are elementwise per tensor, so a shard's update equals the same slice of the whole
     # tensor's: exact for plain tensors and DTensors alike (foreach's grouping is not used).
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    return torch.optim.AdamW(_same_kind_groups(model), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, **implementation_flags(cfg))
+
+
+def _same_kind_groups(model: nn.Module) -> list[dict]:
+    """The parameters in one group per kind: plain tensors, and DTensors per device mesh. The fused
+    kernel takes a group's tensors in one call, which cannot mix the two (under tensor parallelism
+    alone the embedding and norms stay plain while the projections are DTensors). Checkpoints
+    keep optimizer state per parameter name, so the grouping never shows in them."""
+    groups: dict[object, list[nn.Parameter]] = {}
+    for param in model.parameters():
+        groups.setdefault(param.device_mesh if isinstance(param, DTensor) else None, []).append(param)
+    return [{"params": params} for params in groups.values()]
 
 
 def implementation_flags(cfg: OptimConfig) -> dict[str, bool | None]:
