@@ -55,6 +55,7 @@ OMEGAS=${OMEGAS:-1,2,4,8}
 MODELS=${MODELS:-experiments/e1-models}
 CONFIG=experiments/configs/qm9-e1-mdlm.yaml
 # The FCD guard on the report seed (the fcd package of the eval extra; about 25 s per point).
+# Never at the end of an xargs line: xargs -L joins a line that ends in a blank to the next one.
 FCD_FLAG=$([[ ${FCD:-1} == 1 ]] && echo --fcd || true)
 B_STEPS=$((BASE_STEPS + MORE_STEPS))
 A_STEPS=$((BASE_STEPS + 2 * MORE_STEPS))
@@ -181,7 +182,7 @@ if [[ $STAGE == all || $STAGE == report ]]; then
   $PYTHON -m experiments.finetune_report select --sweep "$RUNS/select-main/sweep.csv" \
     --out "$RUNS/selected.txt"
   while read -r label checkpoint steps s omega; do
-    echo "$RUNS/report-main/parts/$label-T$steps-S$s-w$omega $label $checkpoint $REPORT_SEED $REPORT_SAMPLES $steps $s $omega --nucleus-p 1.0 $FCD_FLAG"
+    echo "$RUNS/report-main/parts/$label-T$steps-S$s-w$omega $label $checkpoint $REPORT_SEED $REPORT_SAMPLES $steps $s $omega $FCD_FLAG --nucleus-p 1.0"
   done < "$RUNS/selected.txt" | xargs -P "$JOBS" -L1 bash -c 'sweep "$@"' _
   merge "$RUNS/report-main"
   $PYTHON -m experiments.finetune_report verdict --sweep "$RUNS/report-main/sweep.csv" \
