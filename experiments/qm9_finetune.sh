@@ -118,6 +118,9 @@ export_models() {
   local label checkpoint
   while read -r label checkpoint; do
     $PROSECO convert export "$checkpoint" "$MODELS/$label" --overwrite
+    # The remote code is pretrain/models/dit/modeling_proseco.py itself; import does not need it,
+    # and four copies of it in the repository would only drift.
+    rm -f "$MODELS/$label/modeling_proseco.py"
   done < <(models)
 }
 
