@@ -44,6 +44,7 @@ KS_GUARDS = ("ks_qed", "ks_sa", "ks_ring_count")
 KS_SLACK = 0.05
 FCD_SLACK = 1.10
 SETTING = ("steps", "corrector_steps", "corrector_every")
+PLOT_COLUMNS = ("vun", "validity", "uniqueness", "fcd")
 
 
 def _key(row: dict) -> tuple:
@@ -123,6 +124,11 @@ def _setting(row: dict) -> str:
             f"(NFE {row['nfe_total']:.1f}, vun {row['vun']:.3f}, validity {row['validity']:.3f})")
 
 
+def _guard_values(row: dict, reference: dict) -> str:
+    columns = [c for c in ("uniqueness", *KS_GUARDS, "fcd") if not math.isnan(row.get(c, math.nan))]
+    return ", ".join(f"{c} {row[c]:.3f} vs {reference.get(c, math.nan):.3f}" for c in columns)
+
+
 def verdict_markdown(result: dict, baseline: str, candidate: str) -> str:
     lines = [f"- baseline best ({baseline}, plain sampling): {_setting(result['baseline_best'])}"]
     if result["match"] is None:
@@ -130,6 +136,8 @@ def verdict_markdown(result: dict, baseline: str, candidate: str) -> str:
     else:
         lines.append(f"- cheapest matching {candidate} setting: {_setting(result['match'])}: "
                      f"speed-up {result['speedup']:.2f}x")
+        lines.append(f"- the guards there, {candidate} against the baseline best (for reading; the speed-up "
+                     f"rule does not use them): {_guard_values(result['match'], result['baseline_best'])}")
     lines.append(f"- **speed-up verdict: {result['speed_verdict']}** (reproduced >= {REPRODUCED}x, partial >= "
                  f"{PARTIAL}x)")
     guards = ", ".join(f"{k} {'ok' if ok else 'worse'}" for k, ok in result["guards"].items())
@@ -141,15 +149,51 @@ def verdict_markdown(result: dict, baseline: str, candidate: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_verdict(rows: Sequence[dict], result: dict, path: Path) -> Path:
+    """The report seed at a glance: each model's selected settings as one line of quality against
+    mean NFE, the baseline's best marked, and the NFE at which a match would be a 2x speed-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in PLOT_COLUMNS if any(not math.isnan(r.get(c, math.nan)) for r in rows)]
+    reference = result["baseline_best"]
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.8), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for model in sorted({r["model"] for r in rows}):
+            points = sorted((r for r in rows if r["model"] == model), key=lambda r: r["nfe_total"])
+            ax.plot([p["nfe_total"] for p in points], [p.get(column, math.nan) for p in points],
+                    marker="o", markersize=3, label=model)
+        ax.plot([reference["nfe_total"]], [reference.get(column, math.nan)], "k*", markersize=12,
+                label=f"{reference['model']} best")
+        ax.axvline(reference["nfe_total"] / REPRODUCED, color="grey", linestyle=":", label="half its NFE")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("mean NFE per sample (denoiser + corrector)")
+        ax.set_title(column)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle("E1 report seed: each model's selected settings")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def report(report_rows: list[dict], selection_rows: list[dict], secondary: list[tuple[str, list[dict]]],
            baseline: str, candidate: str, out: Path) -> Path:
     result = verdict(report_rows, baseline, candidate)
-    plot = plot_sweep(selection_rows, out.with_suffix(".png"), title="E1 selection seed: quality against NFE")
+    headline = plot_verdict(report_rows, result, out.with_suffix(".png"))
+    plot = plot_sweep(selection_rows, out.with_name(f"{out.stem}-selection.png"),
+                      title="E1 selection seed: quality against NFE")
     parts = ["# E1: ProSeCo fine-tuning of an MDLM on QM9\n",
              "Settings chosen on the selection seed, numbers from fresh samples of the report seed "
              "(experiments/finetune_report.py states the rules).\n",
              "## Verdict\n", verdict_markdown(result, baseline, candidate),
-             "## Report seed (the selected settings)\n", markdown_table(report_rows),
+             f"## Report seed (the selected settings)\n\n![report seed]({headline.name})\n",
+             markdown_table(report_rows),
              f"## Selection seed, every setting (nucleus p = 1.0)\n\n![quality against NFE]({plot.name})\n",
              markdown_table(selection_rows)]
     for title, rows in secondary:

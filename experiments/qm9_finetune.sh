@@ -18,7 +18,8 @@
 #   train   base, then A and B side by side
 #   select  seed SELECT_SEED, SELECT_SAMPLES samples per point: plain sampling at T in PLAIN_STEPS
 #           for every model, ProSeCo at T x S x omega (the fast regime) for B, nucleus p = 1.0; then
-#           the secondary grids at p = 0.9 under both cache semantics
+#           the secondary grids: p = 0.9 under both cache semantics, and confidence-ordered
+#           unmasking at p = 1.0 (sampler tuning equal on both sides)
 #   report  the selected settings (each model's best, B's NFE/vun frontier) again on REPORT_SAMPLES
 #           fresh samples of seed REPORT_SEED, the tables, the plot and the verdict
 #           -> $RUNS/report.md, $RUNS/report.png
@@ -31,7 +32,7 @@
 # Environment: RUNS=runs/e1, JOBS=2, THREADS=1, BASE_STEPS=10000, MORE_STEPS=4000,
 # SELECT_SAMPLES=256, REPORT_SAMPLES=1024, CORRECTOR_INPUT=masked, MODELS=experiments/e1-models, TRAIN_OVERRIDES (extra overrides
 # for every run), PLAIN_STEPS, FAST_STEPS, CORRECTOR_STEPS, OMEGAS (comma lists), GRIDS (the
-# selection grids, default "main p0.9-once p0.9-official"), FCD=1 (0: no FCD column).
+# selection grids, default "main p0.9-once p0.9-official confidence"), FCD=1 (0: no FCD column).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -147,15 +148,18 @@ merge() {  # OUT: one sweep.csv from every sweep under OUT/parts
   $PROSECO sweep --merge $(find "$1/parts" -mindepth 1 -maxdepth 1 -type d | sort) --out "$1" > "$1.log" 2>&1
 }
 
-GRIDS=${GRIDS:-main p0.9-once p0.9-official}
+GRIDS=${GRIDS:-main p0.9-once p0.9-official confidence}
 
-select_grids() {  # the selection sweeps: main grid (p = 1) and the secondary ones (p = 0.9, both caches)
+select_grids() {  # the selection sweeps: main grid (p = 1) and the secondary ones (p = 0.9 under both
+                  # caches; confidence-ordered unmasking, the same for every model)
   local grid flags label checkpoint
   for grid in $GRIDS; do
     case $grid in
       main) flags=(--nucleus-p 1.0) ;;
       p0.9-once) flags=(--nucleus-p 0.9 --nucleus-cache once) ;;
       p0.9-official) flags=(--nucleus-p 0.9 --nucleus-cache official) ;;
+      confidence) flags=(--nucleus-p 1.0 --unmasking confidence) ;;
+      *) echo "unknown grid $grid: one of main, p0.9-once, p0.9-official, confidence" >&2; return 2 ;;
     esac
     local out=$RUNS/select-$grid
     while read -r label checkpoint; do
@@ -190,7 +194,8 @@ if [[ $STAGE == all || $STAGE == report ]]; then
   merge "$RUNS/report-main"
   $PYTHON -m experiments.finetune_report verdict --sweep "$RUNS/report-main/sweep.csv" \
     --selection "$RUNS/select-main/sweep.csv" --secondary "$RUNS/select-p0.9-once/sweep.csv" \
-    --secondary "$RUNS/select-p0.9-official/sweep.csv" --baseline "A@$A_STEPS" --candidate "B@$B_STEPS" \
+    --secondary "$RUNS/select-p0.9-official/sweep.csv" \
+    --secondary "$RUNS/select-confidence/sweep.csv" --baseline "A@$A_STEPS" --candidate "B@$B_STEPS" \
     --out "$RUNS/report.md"
 fi
 if [[ $STAGE == export ]]; then export_models; fi

@@ -89,7 +89,7 @@ def test_e1_and_e2_scripts_end_to_end_on_a_few_steps_of_qm9(tmp_path):
     runs = tmp_path / "runs"
     e1 = {**env, "RUNS": str(runs), "PROSECO": proseco, "PYTHON": sys.executable, "BASE_STEPS": "4",
           "MORE_STEPS": "2", "SELECT_SAMPLES": "16", "REPORT_SAMPLES": "16", "PLAIN_STEPS": "4,8",
-          "FAST_STEPS": "4", "CORRECTOR_STEPS": "1", "OMEGAS": "1,2", "GRIDS": "main", "FCD": "0",
+          "FAST_STEPS": "4", "CORRECTOR_STEPS": "1", "OMEGAS": "1,2", "GRIDS": "main confidence", "FCD": "0",
           "TRAIN_OVERRIDES": f"data.shards={data / 'shards'} {TINY}"}
     for stage in ("train", "select", "report"):
         done = subprocess.run(["bash", str(REPO / "experiments/qm9_finetune.sh"), stage], env=e1, cwd=REPO,
@@ -100,6 +100,10 @@ def test_e1_and_e2_scripts_end_to_end_on_a_few_steps_of_qm9(tmp_path):
     assert (runs / "mdlm/checkpoints/step_00000006").is_dir()
     report = (runs / "report.md").read_text()
     assert "speed-up verdict" in report and "higher quality" in report
+    assert (runs / "report.png").exists() and (runs / "report-selection.png").exists()
+    # The confidence grid samples every model with confidence-ordered unmasking: a secondary table.
+    assert {r["unmasking"] for r in read_rows(runs / "select-confidence/sweep.csv")} == {"confidence"}
+    assert "## Secondary: select-confidence" in report
     reported = read_rows(runs / "report-main/sweep.csv")
     assert {r["model"] for r in reported} == {"base@4", "A@6", "A@8", "B@6"}
     assert all(r["num_samples"] == 16 for r in reported)
