@@ -22,7 +22,7 @@
 #           unmasking at p = 1.0 (sampler tuning equal on both sides)
 #   report  the selected settings (each model's best, B's NFE/vun frontier) again on REPORT_SAMPLES
 #           fresh samples of seed REPORT_SEED, the tables, the plot and the verdict
-#           -> $RUNS/report.md, $RUNS/report.png
+#           -> $RUNS/report.md, $RUNS/report.png (report seed), $RUNS/report-selection.png
 #   export  the four models the sweeps compare (EMA weights, Hugging Face folders of this framework's
 #           layout, ~10 MB each) -> $MODELS/<label>: what the sweeps need, without the training runs
 #   import  those folders back into checkpoints ($RUNS/imported/<label>), which the sweeps then use
