@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pretrain.files import atomic_write_text
-from pretrain.sweep import markdown_table, plot_sweep, read_rows
+from pretrain.sweep import markdown_table, nfe_axis, plot_sweep, read_rows, save_figure
 
 MATCH_POINTS = 0.02
 REPRODUCED, PARTIAL = 2.0, 1.3
@@ -168,18 +168,8 @@ def plot_verdict(rows: Sequence[dict], result: dict, path: Path) -> Path:
         ax.plot([reference["nfe_total"]], [reference.get(column, math.nan)], "k*", markersize=12,
                 label=f"{reference['model']} best")
         ax.axvline(reference["nfe_total"] / REPRODUCED, color="grey", linestyle=":", label="half its NFE")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("mean NFE per sample (denoiser + corrector)")
-        ax.set_title(column)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.suptitle("E1 report seed: each model's selected settings")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return path
+        nfe_axis(ax, column)
+    return save_figure(fig, axes, path, "E1 report seed: each model's selected settings")
 
 
 def report(report_rows: list[dict], selection_rows: list[dict], secondary: list[tuple[str, list[dict]]],

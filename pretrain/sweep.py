@@ -263,10 +263,22 @@ def plot_sweep(rows: Sequence[dict], path: str | Path, title: str | None = None,
             style = ["-", "--", ":", "-."][models.index(model) % 4]
             ax.plot(x, y, style, marker="o", markersize=3, color=cmap(settings.index((s, omega, gamma)) % 10),
                     label=f"{model} S={s}" + (f" ω={omega}" if s else "") + (f" γ={gamma:g}" if gamma != 1 else ""))
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("mean NFE per sample (denoiser + corrector)")
-        ax.set_title(column)
-        ax.grid(alpha=0.3)
+        nfe_axis(ax, column)
+    return save_figure(fig, axes, path, title)
+
+
+def nfe_axis(ax, column: str) -> None:
+    """One panel of a quality-against-NFE figure: log2 NFE on x, the column as its title."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean NFE per sample (denoiser + corrector)")
+    ax.set_title(column)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, axes, path: str | Path, title: str | None) -> Path:
+    """The first panel's legend beside the figure, the title, written to `path` and closed."""
+    import matplotlib.pyplot as plt
+
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     if title:
