@@ -7,8 +7,9 @@ the compiled model (dynamo tracing, AOTAutograd and inductor's C++ for forward a
 then the first two-pass step (its no-grad pass and its 2B-row pass add graphs), each minus the
 eager step. Step time: compiled / eager for the reuse and the two-pass steps, the median of
 per-round ratios of paired rounds whose order alternates (benchmarks/stats.py), with its
-interquartile range; rounds are added until every IQR is within 5 % of its median or a time
-budget ends, and a figure whose spread stays wider says so in its row.
+interquartile range and the 95 % interval of the median; rounds are added until every interval
+is within 5 % of its median or a time budget ends, and a figure whose interval stays wider says so
+in its row.
 
     python -m benchmarks.compile [--min-rounds 16] [--max-rounds 100] [--budget-s 300] [--threshold 0.05]
 """

@@ -3,6 +3,7 @@ docs/benchmarks.md.
 
     python -m benchmarks.run                 all benchmarks
     python -m benchmarks.run step sampler    only these (other figures in the JSON are kept)
+    python -m benchmarks.run agreement       step and official three times: do runs agree?
 
 Each module has `run() -> list[{"name", "value", "unit", "what"}]`; one that has nothing to
 measure here returns no rows and says why (`official` needs OFFICIAL_PROSECO, a checkout of the
@@ -25,6 +26,7 @@ import torch
 
 MODULES = ["loader", "streaming", "sharding", "step", "gemm_count", "optimizer", "official", "compile", "sampler",
            "comm", "pipeline", "checkpoint", "convert", "faults", "zero", "memory", "build_memory"]
+ON_REQUEST = ["agreement"]  # named only: `agreement` is some of the above several times over
 DOCS = Path("docs")
 
 
@@ -35,9 +37,9 @@ def _machine() -> str:
 
 def main(names: list[str]) -> None:
     names = names or MODULES
-    unknown = sorted(set(names) - set(MODULES))
+    unknown = sorted(set(names) - set(MODULES) - set(ON_REQUEST))
     if unknown:
-        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {MODULES}")
+        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {MODULES + ON_REQUEST}")
     json_path, md_path = DOCS / "benchmarks.json", DOCS / "benchmarks.details.json"
     figures = json.loads(json_path.read_text()) if json_path.is_file() else {}
     details = json.loads(md_path.read_text()) if md_path.is_file() else {}
@@ -45,7 +47,8 @@ def main(names: list[str]) -> None:
         print(f"running benchmarks.{name} ...", flush=True)
         for row in importlib.import_module(f"benchmarks.{name}").run():
             figures[row["name"]] = row["value"]
-            details[row["name"]] = {**row, "module": name, "machine": _machine(),
+            # A row may name its own module (agreement's rows of the modules it ran).
+            details[row["name"]] = {"module": name, **row, "machine": _machine(),
                                     "date": datetime.date.today().isoformat()}
             print(f"  {row['name']} = {row['value']} {row['unit']}", flush=True)
     DOCS.mkdir(exist_ok=True)
@@ -62,7 +65,7 @@ def _markdown(details: dict) -> str:
     by_module: dict[str, list[dict]] = {}
     for row in details.values():
         by_module.setdefault(row["module"], []).append(row)
-    for module in MODULES:
+    for module in MODULES + ON_REQUEST:
         rows = by_module.get(module)
         if not rows:
             continue

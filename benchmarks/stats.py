@@ -6,21 +6,27 @@ each round times every case once, back to back, and gives one ratio a_i / b_i pe
 slowdown that lasts longer than a round hits both sides alike and cancels. The order alternates
 (A B C .. on even rounds, .. C B A on odd ones) so that neither side always runs first (warm
 caches, a turbo clock that fades). The figure is the median of the per-round ratios, reported
-with its interquartile range; a range wider than `TOO_WIDE` of the median is flagged in the row
-instead of passing as a number to trust.
+with its interquartile range (how much one round varies) and the 95 % confidence interval of the
+median (how far another run's median may land; distribution-free, from the order statistics).
+The interval is what decides whether a figure can be trusted: it narrows as rounds are added,
+while the IQR of a noisy machine does not, and two runs whose intervals are within `TOO_WIDE` of
+the median agree within about that much. Rounds are added until every interval is that narrow;
+a figure whose interval stays wider says so in its row instead of passing as a number to trust.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-TOO_WIDE = 0.05  # (q3 - q1) / median above this: the figure is not to be trusted
+TOO_WIDE = 0.05  # a 95 % interval of the median wider than this fraction of it: not to be trusted
+CONFIDENCE = 0.95
 
 
 def setting(name: str, default: float) -> float:
@@ -46,36 +52,66 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free `confidence` interval of the median of `values`: the order statistics
+    x_(r) and x_(n+1-r) for the largest r whose coverage, 1 - 2 P(Bin(n, 1/2) < r), is at least
+    `confidence`. Below 6 values no pair covers 95 %: the interval is then the whole range."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        raise ValueError("an interval of no values")
+    r, below = 1, 1 / 2**n  # below: P(Bin(n, 1/2) < r)
+    while r + 1 <= (n + 1) / 2:
+        below_next = below + math.comb(n, r) / 2**n
+        if 1 - 2 * below_next < confidence:
+            break
+        r, below = r + 1, below_next
+    return ordered[r - 1], ordered[n - r]
+
+
 @dataclass(frozen=True)
 class Spread:
-    """Median and interquartile range of some per-round values."""
+    """Median, interquartile range and the confidence interval of the median of per-round values."""
 
     median: float
     q1: float
     q3: float
+    low: float  # the CONFIDENCE interval of the median
+    high: float
     rounds: int
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Spread:
         q1, median, q3 = quartiles(values)
-        return cls(median=median, q1=q1, q3=q3, rounds=len(values))
+        low, high = median_interval(values)
+        return cls(median=median, q1=q1, q3=q3, low=low, high=high, rounds=len(values))
+
+    def _relative(self, width: float) -> float:
+        return width / abs(self.median) if self.median else float("inf")
 
     @property
     def relative_iqr(self) -> float:
-        """(q3 - q1) / |median|: the width of the middle half, as a fraction of the figure."""
-        return (self.q3 - self.q1) / abs(self.median) if self.median else float("inf")
+        """(q3 - q1) / |median|: how much one round varies, as a fraction of the figure."""
+        return self._relative(self.q3 - self.q1)
+
+    @property
+    def relative_interval(self) -> float:
+        """(high - low) / |median|: how far another run's median may land, as a fraction of the figure."""
+        return self._relative(self.high - self.low)
 
     def too_wide(self, threshold: float = TOO_WIDE) -> bool:
-        return self.relative_iqr > threshold
+        return self.relative_interval > threshold
 
     def text(self, digits: int = 3, threshold: float = TOO_WIDE) -> str:
-        """'median 2.105 (IQR 2.080-2.130) of 21 paired rounds', plus '; spread too wide: 8.1 % ...'
-        when the IQR is wider than `threshold` of the median."""
-        out = (f"median {self.median:.{digits}f} (IQR {self.q1:.{digits}f}-{self.q3:.{digits}f}) of {self.rounds} "
-               f"paired rounds")
+        """'median 2.105 (IQR 2.080-2.130; 95 % interval of the median 2.095-2.115) of 21 paired
+        rounds', plus '; spread too wide: ...' when that interval is wider than `threshold` of the
+        median."""
+        out = (f"median {self.median:.{digits}f} (IQR {self.q1:.{digits}f}-{self.q3:.{digits}f}; "
+               f"{100 * CONFIDENCE:.0f} % interval of the median {self.low:.{digits}f}-{self.high:.{digits}f}) "
+               f"of {self.rounds} paired rounds")
         if self.too_wide(threshold):
-            out += (f"; spread too wide: {100 * self.relative_iqr:.1f} % of the median (limit "
-                    f"{100 * threshold:.0f} %), do not trust this figure")
+            out += (f"; spread too wide: the interval of the median is {100 * self.relative_interval:.1f} % of it "
+                    f"(limit {100 * threshold:.0f} %), do not trust this figure")
         return out
 
 
@@ -112,7 +148,7 @@ class Rounds:
         return Spread.of(self.ratios(numerator, denominator))
 
     def describe(self) -> str:
-        return {"converged": f"{self.count} rounds (stopped once every IQR was within the limit)",
+        return {"converged": f"{self.count} rounds (stopped once every interval of a median was within the limit)",
                 "budget": f"{self.count} rounds (stopped at the time budget, {self.elapsed_s:.0f} s)",
                 "max_rounds": f"{self.count} rounds (the maximum)"}[self.stopped]
 
@@ -122,8 +158,8 @@ def paired_rounds(cases: dict[str, Callable[[], object]], pairs: Sequence[tuple[
                   clock: Callable[[], float] = time.perf_counter) -> Rounds:
     """Time every case of `cases` once per round, in `round_order`, after `warmup` untimed rounds.
 
-    Stops after `min_rounds` as soon as every ratio of `pairs` (numerator, denominator) has an IQR
-    within `threshold` of its median, or when `budget_s` seconds of rounds have passed, or at
+    Stops after `min_rounds` as soon as every ratio of `pairs` (numerator, denominator) has a
+    confidence interval of its median within `threshold` of it, or when `budget_s` seconds of rounds have passed, or at
     `max_rounds`. Always runs an even number of rounds where it can, so both orders count alike.
     """
     if not 1 <= min_rounds <= max_rounds:
@@ -161,6 +197,7 @@ def ratio_row(name: str, spread: Spread, what: str, digits: int = 3, threshold: 
     return {"name": name, "value": round(spread.median, digits), "unit": "ratio",
             "what": f"{what}, {spread.text(digits, threshold)}",
             "spread": {"q1": round(spread.q1, digits + 1), "q3": round(spread.q3, digits + 1),
+                       "low": round(spread.low, digits + 1), "high": round(spread.high, digits + 1),
                        "rounds": spread.rounds, "too_wide": spread.too_wide(threshold)}}
 
 
@@ -170,7 +207,7 @@ def add_round_arguments(parser: argparse.ArgumentParser, min_rounds: int, max_ro
     parser.add_argument("--max-rounds", type=int, default=max_rounds, help="stop after this many rounds")
     parser.add_argument("--budget-s", type=float, default=budget_s, help="stop adding rounds after this long")
     parser.add_argument("--threshold", type=float, default=TOO_WIDE,
-                        help="stop once every (q3 - q1) / median is within this; wider is flagged")
+                        help="stop once every median's 95 %% interval is within this fraction of it; wider is flagged")
 
 
 def rounds_main(run: Callable[[int, int, float, float], list[dict]], doc: str, argv: list[str] | None,

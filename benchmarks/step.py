@@ -4,11 +4,11 @@ For the default model (configs/shakespeare.yaml: 4 x 256, vocab 128, L=128) and 
 micro-batch, times forward+backward of: MDLM (one pass), ProSeCo reuse (the official cost: two
 passes with gradient), ProSeCo two-pass (a no-grad pass, then one graded pass of both halves)
 and MDLM at twice the batch. Every ratio is the median of per-round ratios from paired rounds
-whose order alternates (benchmarks/stats.py), reported with its interquartile range; rounds are
-added until every IQR is within 5 % of its median or a time budget ends, and a figure whose
-spread stays wider says so in its row. Also: activation memory (bytes saved for backward, exact
-and device independent), FLOPs per step from the formula (checked against torch's
-FlopCounterMode in tests/test_model.py).
+whose order alternates (benchmarks/stats.py), reported with its interquartile range and the 95 %
+interval of the median; rounds are added until every interval is within 5 % of its median or a
+time budget ends, and a figure whose interval stays wider says so in its row. Also: activation
+memory (bytes saved for backward, exact and device independent), FLOPs per step from the formula
+(checked against torch's FlopCounterMode in tests/test_model.py).
 
 Floors: 2.0 for reuse (twice the tokens through forward and backward), 7/3 = 2.33 for two-pass
 (plus one forward). On a CPU whose per-token cost grows with the batch (caches), MDLM at twice

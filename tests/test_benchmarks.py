@@ -1,9 +1,22 @@
-"""benchmarks/stats.py: paired rounds in alternating order, median and IQR, the too-wide verdict,
-the adaptive stop. No timing: a fake clock advances by what each case says it costs."""
+"""benchmarks/stats.py: paired rounds in alternating order, median, IQR and the interval of the
+median, the too-wide verdict, the adaptive stop. No timing: a fake clock advances by what each case says it costs."""
+
+import random
 
 import pytest
 
-from benchmarks.stats import Spread, paired_rounds, per_round_ratios, quartiles, ratio_row, round_order, setting
+from benchmarks import run as run_benchmarks
+from benchmarks.agreement import agreement_rows
+from benchmarks.stats import (
+    Spread,
+    median_interval,
+    paired_rounds,
+    per_round_ratios,
+    quartiles,
+    ratio_row,
+    round_order,
+    setting,
+)
 
 
 def test_round_order_alternates():
@@ -22,17 +35,38 @@ def test_quartiles_and_iqr():
         quartiles([])
 
 
+def test_median_interval_is_the_order_statistics_of_95_percent():
+    assert median_interval(list(range(1, 21))) == (6, 15)  # the textbook pair for n = 20
+    assert median_interval(list(range(80, 0, -1))) == (31, 50)  # sorted first
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few for 95 %: the whole range
+    assert median_interval([4.0]) == (4.0, 4.0)
+    with pytest.raises(ValueError):
+        median_interval([])
+
+
+def test_median_interval_covers_the_median_95_percent_of_the_time():
+    generator = random.Random(0)
+    runs = 2000
+    covered = sum(low <= 0.0 <= high for low, high in
+                  (median_interval([generator.gauss(0.0, 1.0) for _ in range(40)]) for _ in range(runs)))
+    assert 0.94 <= covered / runs <= 0.99  # exact coverage for n = 40 is 0.962
+
+
 def test_too_wide_verdict_and_text():
-    narrow = Spread.of([2.00, 2.01, 2.02, 2.03, 2.04])  # IQR 0.02 on 2.02: 1 %
-    wide = Spread.of([1.8, 1.9, 2.0, 2.1, 2.2])  # IQR 0.2 on 2.0: 10 %
-    assert not narrow.too_wide(0.05) and wide.too_wide(0.05)
-    assert not wide.too_wide(0.2)
-    assert narrow.text() == "median 2.020 (IQR 2.010-2.030) of 5 paired rounds"
-    assert "spread too wide: 10.0 %" in wide.text()
-    assert "too wide" not in wide.text(threshold=0.2)
-    row = ratio_row("x", wide, "what it is")
+    wide_rounds = Spread.of([1.8, 1.9, 2.0, 2.1, 2.2] * 2)  # interval 1.8-2.2 on 2.0: 20 %
+    many_rounds = Spread.of([1.8, 1.9, 2.0, 2.1, 2.2] * 40)  # the same rounds, 200 of them: 0 %
+    assert wide_rounds.relative_iqr == many_rounds.relative_iqr == pytest.approx(0.1)
+    assert wide_rounds.too_wide(0.05) and not wide_rounds.too_wide(0.25)
+    assert not many_rounds.too_wide(0.05)  # rounds vary as much, but the median is known
+    narrow = Spread.of([2.00, 2.01, 2.02, 2.03, 2.04, 2.02])
+    assert narrow.text().startswith("median 2.020 (IQR 2.01")
+    assert narrow.text().endswith("; 95 % interval of the median 2.000-2.040) of 6 paired rounds")
+    assert "spread too wide: the interval of the median is 20.0 %" in wide_rounds.text()
+    assert "too wide" not in wide_rounds.text(threshold=0.25)
+    row = ratio_row("x", wide_rounds, "what it is")
     assert row["value"] == 2.0 and row["unit"] == "ratio" and row["spread"]["too_wide"]
-    assert row["what"].startswith("what it is, median 2.000 (IQR 1.900-2.100)")
+    assert (row["spread"]["low"], row["spread"]["high"]) == (1.8, 2.2)
+    assert row["what"].startswith("what it is, median 2.000 (IQR 1.900-2.100; 95 % interval")
 
 
 def test_setting_from_environment(monkeypatch):
@@ -98,6 +132,28 @@ def test_paired_rounds_stop_rules():
     assert rounds.stopped == "max_rounds" and rounds.count == 8
     with pytest.raises(ValueError, match="names a case"):
         paired_rounds({"a": capped.case("a", [])}, [("a", "z")], min_rounds=1, max_rounds=1, budget_s=1)
+
+
+def test_agreement_rows_compare_medians_across_runs():
+    def row(name, value, spread=True):
+        return {"name": name, "value": value, "unit": "ratio", "what": "", **({"spread": {}} if spread else {})}
+
+    runs = [[row("r", 0.80), row("x", 2.0), row("wall", 3.0, spread=False)],
+            [row("r", 0.82), row("x", 2.2)],
+            [row("r", 0.81), row("x", 2.1)]]
+    rows = {r["name"]: r for r in agreement_rows(runs)}
+    assert set(rows) == {"agreement_r", "agreement_x"}  # a figure without rounds is not compared
+    assert rows["agreement_r"]["value"] == pytest.approx(0.82 / 0.80, abs=1e-4)
+    assert "disagree" not in rows["agreement_r"]["what"] and "0.8, 0.82, 0.81" in rows["agreement_r"]["what"]
+    assert rows["agreement_x"]["value"] == pytest.approx(1.1, abs=1e-4)
+    assert "disagree by more than 5 %" in rows["agreement_x"]["what"]
+    assert agreement_rows([runs[0], [row("x", 2.0)]]) == agreement_rows([[row("x", 2.0)], [row("x", 2.0)]])
+
+
+def test_run_accepts_agreement_by_name_only():
+    assert "agreement" in run_benchmarks.ON_REQUEST and "agreement" not in run_benchmarks.MODULES
+    with pytest.raises(SystemExit, match="agreement"):  # the list of choices names it
+        run_benchmarks.main(["no_such_benchmark"])
 
 
 def test_official_stand_ins_for_flash_attn():
