@@ -51,8 +51,9 @@ def count_gemms(fn: Callable[[], object]) -> Counter[str]:
     return counter.counts
 
 
-def step_gemms(model: torch.nn.Module, micro: int, corrector: bool) -> Counter[str]:
-    """GEMM calls of one forward+backward of the step (reuse mode) on a micro-batch of `micro`."""
+def reuse_step(model: torch.nn.Module, micro: int, corrector: bool) -> Callable[[], None]:
+    """One forward+backward of the step (reuse mode; plain MDLM without the corrector) on a fixed
+    micro-batch of `micro` sequences."""
     generator = torch.Generator().manual_seed(0)
     batch = {"tokens": torch.randint(5, VOCAB, (micro, SEQ_LEN), generator=generator),
              "position": torch.arange(micro), "valid": torch.ones(micro, dtype=torch.bool)}
@@ -63,7 +64,12 @@ def step_gemms(model: torch.nn.Module, micro: int, corrector: bool) -> Counter[s
         forward_backward(LocalRunner(model), [batch], objective, step=0, mode="reuse",
                          backward_scale=1.0 / batch["tokens"].numel())
 
-    counts = count_gemms(step)
+    return step
+
+
+def step_gemms(model: torch.nn.Module, micro: int, corrector: bool) -> Counter[str]:
+    """GEMM calls of one forward+backward of the step (reuse mode) on a micro-batch of `micro`."""
+    counts = count_gemms(reuse_step(model, micro, corrector))
     model.zero_grad(set_to_none=True)
     return counts
 

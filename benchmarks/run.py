@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-MODULES = ["loader", "streaming", "sharding", "step", "gemm_count", "optimizer", "official", "compile", "sampler",
-           "comm", "pipeline", "checkpoint", "convert", "faults", "zero", "memory", "build_memory"]
+MODULES = ["loader", "streaming", "sharding", "step", "gemm_count", "gemm_rate", "optimizer", "official", "compile",
+           "sampler", "comm", "pipeline", "checkpoint", "convert", "faults", "zero", "memory", "build_memory"]
 ON_REQUEST = ["agreement"]  # named only: `agreement` is some of the above several times over
 DOCS = Path("docs")
 

@@ -8,11 +8,14 @@ win: under `srun torchrun` every worker sees SLURM_PROCID=0 but its own RANK.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -129,6 +132,35 @@ def init_distributed(launch: Launch, device_preference: str = "auto", timeout_s:
     return DistEnv(launch.rank, launch.world_size, launch.local_rank, device, launch.launcher)
 
 
+_tore_down_a_shared_group = False  # see ended_a_process_group
+
+
 def shutdown() -> None:
+    global _tore_down_a_shared_group
     if dist.is_initialized():
+        _tore_down_a_shared_group |= dist.get_world_size() > 1
         dist.destroy_process_group()
+
+
+def ended_a_process_group() -> bool:
+    """Whether this process has torn down a process group of more than one rank (`shutdown`):
+    then it should leave through `end_process`."""
+    return _tore_down_a_shared_group
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with `code` as `sys.exit` would (atexit handlers run, stdout and stderr flushed), but
+    without the interpreter's finalization.
+
+    Why: a rank that has torn its Gloo process group down can still abort in finalization, with
+    "terminate called without an active exception" (SIGABRT), when the last objects holding the
+    group's C++ threads (DeepSpeed keeps its own handles on the groups) are freed in whatever
+    order the interpreter frees modules at exit. Seen under the DeepSpeed launcher after a
+    stop-file checkpoint: the launcher then reports the abort instead of 75, and the job is not
+    requeued. Nothing is lost by skipping it: checkpoints and metrics are closed and synced by
+    then, and multiprocessing's own atexit handler ends the DataLoader workers.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

@@ -17,7 +17,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from parallel.env import LaunchError, detect_launch
+from parallel.env import LaunchError, detect_launch, end_process, ended_a_process_group
 from pretrain.config import load_config, reference_markdown, split_config_args, to_yaml, validate
 from pretrain.errors import UserError
 
@@ -109,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
     except (UserError, LaunchError) as err:  # config errors, missing files, mismatched shards...: no traceback
         # Every rank of a launch validates the same config and reads the same files, so the
         # message is the same on each: print it once, on rank 0; every rank still exits with 2.
         if global_rank() == 0:
             print(f"proseco: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
+    if ended_a_process_group():  # a rank of a multi-process run: its exit code must reach the launcher
+        end_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ median, the too-wide verdict, the adaptive stop. No timing: a fake clock advance
 import random
 
 import pytest
+import torch
 
 from benchmarks import run as run_benchmarks
 from benchmarks.agreement import agreement_rows
@@ -154,6 +155,19 @@ def test_run_accepts_agreement_by_name_only():
     assert "agreement" in run_benchmarks.ON_REQUEST and "agreement" not in run_benchmarks.MODULES
     with pytest.raises(SystemExit, match="agreement"):  # the list of choices names it
         run_benchmarks.main(["no_such_benchmark"])
+
+
+def test_gemm_flops_counts_the_gemms_only():
+    from benchmarks.gemm_rate import gemm_flops
+
+    a, b, weight, bias = torch.randn(4, 8), torch.randn(8, 16), torch.randn(16, 8), torch.randn(16)
+
+    def step():  # mm, addmm (a linear with a bias), bmm: 2 * 4 * 8 * 16 FLOPs each; relu and softmax none
+        torch.mm(a, b).relu()
+        torch.nn.functional.linear(a, weight, bias).softmax(-1)
+        torch.bmm(a[None], b[None])
+
+    assert gemm_flops(step) == 3 * 2 * 4 * 8 * 16
 
 
 def test_official_stand_ins_for_flash_attn():

@@ -1,9 +1,15 @@
-"""Where a process stands: launcher variables, Slurm node lists, backends."""
+"""Where a process stands: launcher variables, Slurm node lists, backends; how a rank exits."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from parallel.env import LaunchError, backend_for, detect_launch, first_slurm_host, pick_device
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_single_process():
@@ -79,3 +85,21 @@ def test_cpu_unless_cuda_is_there_or_asked_for(gpus):
         pick_device("cuda", 0)
     gpus.visible = 2
     assert pick_device("cpu", 1) == torch.device("cpu") and gpus.chosen == []
+
+
+def test_end_process_exits_with_its_code_after_atexit_and_flush(tmp_path):
+    """What a rank of a multi-process run leaves through (pretrain/cli.py): the code, the
+    buffered output and the atexit handlers (wandb's, logging's, multiprocessing's) all survive
+    skipping the interpreter's finalization."""
+    marker = tmp_path / "atexit-ran"
+    script = ("import atexit, sys\n"
+              "from parallel.env import end_process\n"
+              f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+              "sys.stdout.write('no newline, still buffered')\n"
+              "sys.stderr.write('and on stderr')\n"
+              "end_process(75)\n"
+              "raise SystemExit('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 75, done.stderr
+    assert (done.stdout, done.stderr) == ("no newline, still buffered", "and on stderr")
+    assert marker.read_text() == "ran"
