@@ -13,7 +13,7 @@ only fewer FLOPs could. This measures, in interleaved rounds:
 
 and reports both rates and their per-round ratio (1: the step's GEMMs run at peak).
 
-    python -m benchmarks.gemm_rate [--min-rounds 8] [--max-rounds 40] [--budget-s 60]
+    python -m benchmarks.gemm_rate [--min-rounds 8] [--max-rounds 60] [--budget-s 120]
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from pretrain.models.dit.model import DiT
 LARGE_SIDE = 2048  # 17 GFLOP per product: long enough to time, and past every cache
 PROFILED_STEPS = 2  # per round
 MIN_ROUNDS = setting("BENCH_MIN_ROUNDS", 8)
-MAX_ROUNDS = setting("BENCH_MAX_ROUNDS", 40)
-BUDGET_S = setting("BENCH_GEMM_RATE_BUDGET_S", 60.0)
+MAX_ROUNDS = setting("BENCH_MAX_ROUNDS", 60)
+BUDGET_S = setting("BENCH_GEMM_RATE_BUDGET_S", 120.0)
 
 
 def gemm_flops(step) -> int:

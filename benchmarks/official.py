@@ -35,6 +35,9 @@ torch.profiler; the kernels both sides run on the same shapes (the GEMMs, SDPA, 
 `ours_over_official_shared_kernels_reuse` (1 when the work is the same), each side's share of its
 step in them, and `floor_ours_over_official_reuse`: our time in those kernels over the official
 step's, the ratio ours / official that would remain if everything else in our step took no time.
+benchmarks/gemm_rate.py measures how close the GEMMs, most of those kernels' time, already run to
+this machine's peak: near 1, the floor does not move without fewer FLOPs, and the official step
+does the same FLOPs.
 
 The official plain-MDLM step (corrector_training=False) fails in backward: its continuous-time
 branch applies `_subs_parameterization`, which writes in place, to the output of a log_softmax

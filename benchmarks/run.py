@@ -61,7 +61,11 @@ def _markdown(details: dict) -> str:
     lines = ["# Benchmarks", "",
              "Written by `make bench` (`python -m benchmarks.run`); every figure is also in "
              "`docs/benchmarks.json`. Ratios are measured side by side in one process and one run, "
-             "because these machines are shared and noisy; absolute speeds are for this machine only.", ""]
+             "because these machines are shared and noisy; absolute speeds are for this machine only. "
+             "A ratio from paired rounds gives its median, IQR and the 95 % interval of the median "
+             "(benchmarks/stats.py); a figure whose interval is wider than 5 % of its median says not to "
+             "trust it. `python -m benchmarks.run agreement` runs step and official three times back to "
+             "back and reports how far their medians differ.", ""]
     by_module: dict[str, list[dict]] = {}
     for row in details.values():
         by_module.setdefault(row["module"], []).append(row)

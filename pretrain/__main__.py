@@ -1,7 +1,5 @@
 """`python -m pretrain ...` is `proseco ...` (for environments without the console script)."""
 
-import sys
+from pretrain.cli import run
 
-from pretrain.cli import main
-
-sys.exit(main())
+run()

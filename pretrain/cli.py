@@ -16,6 +16,7 @@ import argparse
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 from parallel.env import LaunchError, detect_launch, end_process, ended_a_process_group
 from pretrain.config import load_config, reference_markdown, split_config_args, to_yaml, validate
@@ -109,17 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
-        code = args.func(args) or 0
+        return args.func(args) or 0
     except (UserError, LaunchError) as err:  # config errors, missing files, mismatched shards...: no traceback
         # Every rank of a launch validates the same config and reads the same files, so the
         # message is the same on each: print it once, on rank 0; every rank still exits with 2.
         if global_rank() == 0:
             print(f"proseco: error: {err}", file=sys.stderr)
-        code = 2
-    if ended_a_process_group():  # a rank of a multi-process run: its exit code must reach the launcher
+        return 2
+
+
+def run() -> NoReturn:
+    """The `proseco` command (also `python -m pretrain`): main(), then exit with its code. A rank of
+    a multi-process run leaves through `end_process`, so that the code reaches the launcher intact."""
+    code = main()
+    if ended_a_process_group():
         end_process(code)
-    return code
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
