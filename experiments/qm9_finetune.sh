@@ -150,22 +150,26 @@ merge() {  # OUT: one sweep.csv from every sweep under OUT/parts
 
 GRIDS=${GRIDS:-main p0.9-once p0.9-official confidence}
 
-select_grids() {  # the selection sweeps: main grid (p = 1) and the secondary ones (p = 0.9 under both
-                  # caches; confidence-ordered unmasking, the same for every model)
+grid_flags() {  # GRID -> its sweep flags: main grid (p = 1) and the secondary ones (p = 0.9 under both
+                # caches; confidence-ordered unmasking, the same for every model)
+  case $1 in
+    main) echo --nucleus-p 1.0 ;;
+    p0.9-once) echo --nucleus-p 0.9 --nucleus-cache once ;;
+    p0.9-official) echo --nucleus-p 0.9 --nucleus-cache official ;;
+    confidence) echo --nucleus-p 1.0 --unmasking confidence ;;
+    *) return 1 ;;
+  esac
+}
+
+select_grids() {  # the selection sweeps, one line per sweep
   local grid flags label checkpoint
   for grid in $GRIDS; do
-    case $grid in
-      main) flags=(--nucleus-p 1.0) ;;
-      p0.9-once) flags=(--nucleus-p 0.9 --nucleus-cache once) ;;
-      p0.9-official) flags=(--nucleus-p 0.9 --nucleus-cache official) ;;
-      confidence) flags=(--nucleus-p 1.0 --unmasking confidence) ;;
-      *) echo "unknown grid $grid: one of main, p0.9-once, p0.9-official, confidence" >&2; return 2 ;;
-    esac
+    flags=$(grid_flags "$grid")
     local out=$RUNS/select-$grid
     while read -r label checkpoint; do
-      echo "$out/parts/$label-plain $label $checkpoint $SELECT_SEED $SELECT_SAMPLES $PLAIN_STEPS 0 1 ${flags[*]}"
+      echo "$out/parts/$label-plain $label $checkpoint $SELECT_SEED $SELECT_SAMPLES $PLAIN_STEPS 0 1 $flags"
       if [[ $label == B@* ]]; then
-        echo "$out/parts/$label-corrector $label $checkpoint $SELECT_SEED $SELECT_SAMPLES $FAST_STEPS $CORRECTOR_STEPS $OMEGAS ${flags[*]}"
+        echo "$out/parts/$label-corrector $label $checkpoint $SELECT_SEED $SELECT_SAMPLES $FAST_STEPS $CORRECTOR_STEPS $OMEGAS $flags"
       fi
     done < <(models)
   done
@@ -177,6 +181,11 @@ export PROSECO
 case $STAGE in all|data|train|select|report|export|import) ;; *)
   echo "unknown stage $STAGE: one of all, data, train, select, report, export, import" >&2; exit 2 ;;
 esac
+# Before any stage runs: a misspelt grid would otherwise surface only at selection, after training.
+for grid in $GRIDS; do
+  grid_flags "$grid" >/dev/null || {
+    echo "unknown grid $grid in GRIDS: one of main, p0.9-once, p0.9-official, confidence" >&2; exit 2; }
+done
 if [[ $STAGE == import ]]; then import_models; fi
 if [[ $STAGE == all || $STAGE == data ]]; then data; fi
 if [[ $STAGE == all || $STAGE == train ]]; then train; fi

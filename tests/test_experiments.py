@@ -136,3 +136,14 @@ def test_e1_and_e2_scripts_end_to_end_on_a_few_steps_of_qm9(tmp_path):
         [(m, t, 0) for m in ("A@8", "B@6") for t in (7, 14, 28)] + [("B@6", t, 1) for t in (7, 14, 28)])
     assert all(0 <= r["exact_recovery"] <= r["validity"] + 1e-9 for r in rows)
     assert "reproduced" in (out / "prompted.md").read_text() and (out / "prompted.png").exists()
+
+
+@pytest.mark.parametrize("stage, grids, message", [("train", "main p0.9", "unknown grid p0.9 in GRIDS"),
+                                                    ("trian", "main", "unknown stage trian")])
+def test_e1_script_rejects_an_unknown_stage_or_grid_before_any_stage_runs(tmp_path, stage, grids, message):
+    """A misspelt grid fails at once, not at selection hours after training; nothing is started."""
+    runs = tmp_path / "runs"
+    done = subprocess.run(["bash", str(REPO / "experiments/qm9_finetune.sh"), stage], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "RUNS": str(runs), "GRIDS": grids, "PROSECO": "false"})
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not runs.exists()
