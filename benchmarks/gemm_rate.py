@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -46,13 +47,19 @@ def gemm_flops(step) -> int:
                if op.__name__.split(".")[0] in GEMM_OPS)
 
 
-def gemm_seconds(step, steps: int = PROFILED_STEPS) -> float:
-    """Seconds per call of `step` spent in the GEMM kernels themselves (their self CPU time)."""
-    keys = {f"aten::{op}" for op in GEMM_OPS}
+def kernel_seconds(step, steps: int, is_kernel: Callable[[str], bool]) -> float:
+    """Seconds per call of `step` in the operators whose profiler key `is_kernel` accepts: their
+    self CPU time by torch.profiler over `steps` calls."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in keys) / steps / 1e6
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if is_kernel(e.key)) / steps / 1e6
+
+
+def gemm_seconds(step, steps: int = PROFILED_STEPS) -> float:
+    """Seconds per call of `step` spent in the GEMM kernels themselves."""
+    keys = {f"aten::{op}" for op in GEMM_OPS}
+    return kernel_seconds(step, steps, keys.__contains__)
 
 
 def large_gemm_rate(side: int = LARGE_SIDE) -> float:

@@ -86,6 +86,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gemm_rate import kernel_seconds
 from benchmarks.stats import TOO_WIDE, Rounds, add_round_arguments, paired_rounds, ratio_row, setting
 from benchmarks.step import CONFIG, SEQ_LEN, VOCAB, _batch, _objective
 from parallel.compile import apply_compile
@@ -308,14 +309,7 @@ def _official_batch(batch: dict) -> dict:
 def shared_kernel_seconds(step, steps: int) -> float:
     """Seconds per step in the shared kernels, by torch's profiler over `steps` steps (their self
     CPU time)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-    shared = sum(e.self_cpu_time_total for e in prof.key_averages()
-                 if e.key in SHARED_KERNELS or e.key.startswith(SHARED_KERNEL_PREFIX))
-    return shared / steps / 1e6
+    return kernel_seconds(step, steps, lambda key: key in SHARED_KERNELS or key.startswith(SHARED_KERNEL_PREFIX))
 
 
 def kernel_rounds(cases: dict, names: tuple[str, str], rounds: int = PROFILED_ROUNDS,

@@ -158,7 +158,7 @@ def test_run_accepts_agreement_by_name_only():
 
 
 def test_gemm_flops_counts_the_gemms_only():
-    from benchmarks.gemm_rate import gemm_flops
+    from benchmarks.gemm_rate import gemm_flops, gemm_seconds, kernel_seconds
 
     a, b, weight, bias = torch.randn(4, 8), torch.randn(8, 16), torch.randn(16, 8), torch.randn(16)
 
@@ -168,12 +168,11 @@ def test_gemm_flops_counts_the_gemms_only():
         torch.bmm(a[None], b[None])
 
     assert gemm_flops(step) == 3 * 2 * 4 * 8 * 16
+    assert gemm_seconds(step, steps=1) > 0 and kernel_seconds(step, 1, lambda key: key == "aten::no_such_op") == 0
 
 
 def test_official_stand_ins_for_flash_attn():
     """benchmarks/official.py's SDPA and rotary stand-ins compute what flash-attn's calls do."""
-    import torch
-
     from benchmarks.official import _rotary_qkv, _varlen_qkvpacked
 
     generator = torch.Generator().manual_seed(0)
